@@ -71,7 +71,7 @@ class Config:
     "print one rollout with its token labels every N steps (0: never)"
 
     credit: str = "balanced"
-    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline)"
+    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline) | balanced-info (our extension)"
     steps: int = 60
     "number of policy-gradient steps"
     prompts_per_step: int = 2
@@ -90,6 +90,8 @@ class Config:
     "weight of the k3 KL penalty to the frozen reference policy"
     lam: float = 1.0
     "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit"
+    info_weight: float = 1.0
+    "mu: weight of the group-relative informativeness bonus, used only by --credit balanced-info"
     epochs: int = 1
     "optimisation epochs over each rollout batch"
     grad_clip: float = 1.0
@@ -712,7 +714,7 @@ def judge(verifier, contexts: list[str], texts: list[str], offsets: list[list[tu
 # ================================================================================================
 # 6. Credit
 # ================================================================================================
-CREDIT_MODES = ("balanced", "token", "response")
+CREDIT_MODES = ("balanced", "token", "response", "balanced-info")
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished for being empty
 
 
@@ -754,10 +756,25 @@ def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, 
     return advantage.reshape(-1, 1) * mask.float()  # (B, T)
 
 
+def informativeness_credit(info: torch.Tensor, mask: torch.Tensor, group_size: int, mu: float) -> torch.Tensor:
+    """Our extension, not the paper's: a group-relative bonus for conveying the reference facts.
+
+    The group-normalised informativeness advantage, times mu, spread evenly over the response's tokens,
+    so that each response carries mu * advantage in total whatever its length (the balanced idea again).
+    Under balanced credit alone, saying nothing checkable is never punished; this term makes the emptiest
+    answer of a group the one that loses. (B,), (B, T) -> (B, T).
+    Example: info [1, 0], G 2, mu 1, mask [[1, 1], [1, 0]] -> [[.354, .354], [-.707, 0]]
+    """
+    per_response = response_credit(info, mask, group_size)  # (B, T): advantage on every token
+    return mu * per_response / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                  group_size: int, lam: float) -> torch.Tensor:
+                  group_size: int, lam: float, info: torch.Tensor | None = None, mu: float = 0.0) -> torch.Tensor:
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
+    if mode == "balanced-info":
+        return balanced_credit(labels, mask, lam) + informativeness_credit(info, mask, group_size, mu)
     if mode == "token":
         return token_credit(labels, mask)
     if mode == "response":
@@ -810,7 +827,13 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     t2 = time.perf_counter()
     labels = verdict.labels.to(device)
     rewards = response_rewards(verdict.supported).to(device)
-    credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)  # (B, R)
+    info = [informativeness(text, item, len(ok) - sum(ok))
+            for text, item, ok in zip(batch.texts, batch.items, verdict.supported)]
+    info_known = [x for x in info if x is not None]
+    fill = sum(info_known) / len(info_known) if info_known else 0.0  # no reference answer: no bonus either way
+    info_t = torch.tensor([fill if x is None else x for x in info], device=device)
+    credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam,
+                           info_t, cfg.info_weight)  # (B, R)
     rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
     n_tokens = batch.mask.sum()  # counted once for the whole batch
     with torch.no_grad():
@@ -838,6 +861,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     n_supported = sum(sum(row) for row in verdict.supported)
     return {
         "reward": float(rewards.mean()),
+        "informativeness": float(info_t.mean()),
         "faithfulness": n_supported / n_claims if n_claims else 1.0,
         "claims": n_claims,
         "supported_tokens": int(((labels == SUPPORTED) & mask).sum()),
@@ -953,6 +977,165 @@ def render_rollout(example: dict, colour: bool) -> str:
     return f"Q: {example['question']}\nA: {''.join(out)}"
 
 
+def credit_colour(value: float, scale: float) -> str:
+    """Diverging scale: green for positive credit, red for negative, grey for exactly zero."""
+    if value == 0 or scale == 0:
+        return "rgb(229,231,235)"
+    strength = min(1.0, abs(value) / scale)
+    rgb = (22, 163, 74) if value > 0 else (220, 38, 38)
+    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.15 + 0.75 * strength:.2f})"
+
+
+LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+
+
+def html_response(example: dict, credit: list[float]) -> str:
+    """One response: claims outlined (hover: verifier score), tokens coloured by credit (hover: label, credit)."""
+    text, claims = example["text"], example["claims"]
+    scale = max((abs(c) for c in credit), default=0.0)
+    out, cursor, open_claim = [], 0, None
+    for (s, e), label, value in zip(example["offsets"], example["labels"], credit):
+        if e <= s:
+            continue
+        claim = next((k for k, (cs, ce, _, _) in enumerate(claims) if s < ce and e > cs), None)
+        if claim != open_claim:
+            if open_claim is not None:
+                out.append("</span>")
+            out.append(html.escape(text[cursor:s]))
+            if claim is not None:
+                cs, ce, p, ok = claims[claim]
+                verdict = "supported" if ok else "unsupported"
+                out.append(f'<span class="claim {verdict}" title="claim: p(supported) = {p:.3f} ({verdict})">')
+            open_claim = claim
+        else:
+            out.append(html.escape(text[cursor:s]))
+        out.append(f'<span class="tok" data-label="{label}" data-credit="{value:.5f}" '
+                   f'style="background:{credit_colour(value, scale)}" '
+                   f'title="{LABEL_NAMES[label]}, credit {value:+.5f}">{html.escape(text[s:e])}</span>')
+        cursor = e
+    if open_claim is not None:
+        out.append("</span>")
+    out.append(html.escape(text[cursor:]))
+    return "".join(out)
+
+
+def credit_under_every_mode(example: dict, group_supported: list[list[bool]], group_info: list[float],
+                            lam: float, mu: float) -> dict:
+    """Credit of the group's first response under every mode, all computed from the same labels."""
+    labels = torch.tensor([example["labels"]])
+    mask = torch.ones_like(labels)
+    group_mask = torch.ones(len(group_supported), labels.shape[1])
+    response = response_credit(response_rewards(group_supported), group_mask, len(group_supported))[0]
+    info = informativeness_credit(torch.tensor(group_info), group_mask, len(group_info), mu)[0]
+    balanced = balanced_credit(labels, mask, lam)[0]
+    return {"balanced": balanced.tolist(), "token": token_credit(labels, mask)[0].tolist(),
+            "response": response.tolist(), "balanced-info": (balanced + info).tolist()}
+
+
+def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140) -> str:
+    """A small inline SVG line chart with its min and max labelled."""
+    points = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
+    if not points:
+        return f'<figure class="chart"><figcaption>{html.escape(title)}: no data yet</figcaption></figure>'
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    pad = 24
+
+    def sx(x):
+        return pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+
+    def sy(y):
+        return height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2"><title>step {x:g}: {y:.4g}</title></circle>'
+                   for x, y in points)
+    return (f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption>'
+            f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" class="frame"/>'
+            f'<polyline points="{line}" class="line"/>{dots}'
+            f'<text x="2" y="{pad + 4}">{y1:.3g}</text><text x="2" y="{height - pad}">{y0:.3g}</text>'
+            f'<text x="{pad}" y="{height - 6}">step {x0:g}</text>'
+            f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{x1:g}</text></svg></figure>')
+
+
+REPORT_STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #111827; }
+h1, h2, h3 { line-height: 1.2; } table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; } tr:nth-child(even) { background: #f3f4f6; }
+.modes { display: grid; grid-template-columns: repeat(2, 1fr); gap: 12px; }
+.mode { border: 1px solid #d1d5db; border-radius: 6px; padding: 8px; }
+.tok { border-radius: 2px; } .claim { border: 1.5px solid #6b7280; border-radius: 4px; padding: 1px 2px; }
+.claim.unsupported { border-color: #b91c1c; border-style: dashed; } .claim.supported { border-color: #15803d; }
+.charts { display: flex; flex-wrap: wrap; gap: 8px; } .chart { margin: 0; }
+.frame { fill: none; stroke: #d1d5db; } .line { fill: none; stroke: #2563eb; stroke-width: 1.5; }
+svg text { font-size: 10px; fill: #4b5563; } .legend span { padding: 0 6px; margin-right: 6px; }
+pre { background: #f3f4f6; padding: 8px; overflow-x: auto; }
+"""
+
+
+def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[dict], evals: dict[str, dict],
+                 status: str) -> None:
+    """The whole report as one self-contained HTML file (no network, no script); rewritten as the run goes."""
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>BALTO report</title>"
+             f"<style>{REPORT_STYLE}</style></head><body>",
+             f"<h1>BALTO run report</h1><p>Status: <b>{html.escape(status)}</b>. Policy {html.escape(cfg.model)}, "
+             f"credit <b>{cfg.credit}</b>, {len(history)} of {cfg.steps} steps logged.</p>",
+             '<p class="legend">Token colour = credit under that formula: <span style="background:rgba(22,163,74,.6)">'
+             'positive</span><span style="background:rgba(220,38,38,.6)">negative</span>'
+             '<span style="background:rgb(229,231,235)">zero</span>. Outlined: a claim (solid green supported, dashed '
+             'red unsupported). Hover a token for its label and credit, a claim for its verifier score.</p>']
+    parts.append("<h2>Held-out evaluation</h2>")
+    if evals:
+        keys = ["faithfulness", "informativeness", "q_score", "hallucination_rate", "response_len",
+                "claims_per_response"]
+        head = "".join(f"<th>{html.escape(when)}</th>" for when in evals)
+        rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{evals[w][key]:.3f}</td>" for w in evals) + "</tr>"
+                       for key in keys)
+        parts.append(f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
+    steps = [r["step"] for r in history]
+    curves = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfulness"), ("KL (k3)", "kl"),
+              ("response length (tokens)", "response_len"), ("supported tokens", "supported_tokens"),
+              ("unsupported tokens", "unsupported_tokens")]
+    parts.append('<h2>Curves over steps</h2><div class="charts">')
+    parts += [svg_curve(title, steps, [r[key] for r in history]) for title, key in curves]
+    info_points = [(e["step"], e["informativeness"]) for e in evals.values() if "step" in e]
+    parts.append(svg_curve("held-out informativeness", [p[0] for p in info_points], [p[1] for p in info_points]))
+    parts.append("</div>")
+    for snapshot in snapshots:
+        parts.append(f"<h2>Rollouts at step {snapshot['step']} ({snapshot['when']})</h2>")
+        for example, credits in snapshot["responses"]:
+            parts.append(f"<h3>{html.escape(example['id'])}: {html.escape(example['question'])}</h3>"
+                         '<div class="modes">')
+            for mode in CREDIT_MODES:
+                marker = " (this run)" if mode == cfg.credit else ""
+                parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b><br>'
+                             f"{html_response(example, credits[mode])}</div>")
+            parts.append("</div>")
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(dataclasses.asdict(cfg), indent=2))}</pre>")
+    parts.append("</body></html>\n")
+    Path(path).write_text("".join(parts), encoding="utf-8")
+
+
+@torch.no_grad()
+def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config, device, step: int, when: str) -> dict:
+    """Sample the report's fixed prompts without disturbing the training run's random stream."""
+    state = torch.get_rng_state()
+    batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
+    torch.set_rng_state(state)
+    verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
+                    batch.mask.shape[1], cfg.support_threshold)
+    responses = []
+    for first in range(0, len(batch.texts), cfg.group_size):
+        example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)
+        rows = range(first, first + cfg.group_size)
+        group = [verdict.supported[i] for i in rows]
+        info = [informativeness(batch.texts[i], batch.items[i], len(ok) - sum(ok)) or 0.0
+                for i, ok in zip(rows, group)]
+        responses.append((example, credit_under_every_mode(example, group, info, cfg.lam, cfg.info_weight)))
+    return {"step": step, "when": when, "responses": responses}
+
+
 def format_table(before: dict, after: dict) -> str:
     rows = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
             ("hallucination rate", "hallucination_rate"), ("response length (tokens)", "response_len"),
@@ -992,12 +1175,24 @@ def run(cfg: Config) -> dict:
     print(f"policy {cfg.model} on {device}; verifier {verifier.name}; credit {cfg.credit}; "
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     before = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
-    history = []
+    history: list[dict] = []
+    evals = {"before": {**before, "step": 0}}
+    snapshots: list[dict] = []
+    report_items = eval_items[:2]  # fixed prompts for the report, never trained on
+    status = "running"
+
+    def snapshot(step: int, when: str) -> None:
+        if cfg.report:
+            snapshots.append(report_snapshot(policy, tokenizer, verifier, report_items, cfg, device, step, when))
+            write_report(cfg.report, cfg, history, snapshots, evals, status)
+
     order = random.Random(cfg.seed)
     queue: list[dict] = []
-    with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps every step
+    log = open(out_dir / "log.jsonl", "w", buffering=1)  # line-buffered: a crash keeps every step
+    try:
         log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
         log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
+        snapshot(0, "start")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
             while len(queue) < cfg.prompts_per_step:  # walk the shuffled training set, epoch after epoch
@@ -1012,8 +1207,22 @@ def run(cfg: Config) -> dict:
                             kl=f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
             if cfg.show_every and step % cfg.show_every == 0:
                 tqdm.write(f"--- step {step}\n{render_rollout(example, colour)}")
+            if cfg.report and step == cfg.steps // 2 and step < cfg.steps:
+                state = torch.get_rng_state()  # the report must not change the training run
+                middle = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+                torch.set_rng_state(state)
+                evals["middle"] = {**middle, "step": step}
+                log.write(json.dumps({"event": "eval", "when": "middle", "step": step, **middle}) + "\n")
+                snapshot(step, "middle")
         after = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+        evals["after"] = {**after, "step": cfg.steps}
         log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
+        status = "finished"
+        snapshot(cfg.steps, "end")
+    finally:
+        log.close()
+        if cfg.report and status != "finished":  # interrupted or failed: still leave a readable report
+            write_report(cfg.report, cfg, history, snapshots, evals, f"stopped after step {len(history)}")
 
     policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

