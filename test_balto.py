@@ -122,10 +122,11 @@ def test_informativeness_credit_by_hand_and_its_per_response_total():
     info = torch.tensor([1.0, 0.0, 0.25, 0.75])
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     credit = balto.informativeness_credit(info, mask, group_size=2, mu=2.0)
-    a = 0.5 / (0.5 ** 0.5 * 1.0 + 1e-4)  # advantage of the better response of each group
-    expected = torch.tensor([[a, a, 0, 0], [-2 * a, 0, 0, 0], [-a / 2, -a / 2, -a / 2, -a / 2], [a, a, 0, 0]])
+    a = 0.5 / (0.5 ** 0.5 * 1.0 + 1e-4)  # group (1, 0): mean 0.5, sample std 0.707
+    b = 0.25 / (0.5 ** 0.5 * 0.5 + 1e-4)  # group (0.25, 0.75): mean 0.5, sample std 0.354
+    expected = torch.tensor([[a, a, 0, 0], [-2 * a, 0, 0, 0], [-b / 2, -b / 2, -b / 2, -b / 2], [b, b, 0, 0]])
     torch.testing.assert_close(credit, expected)
-    torch.testing.assert_close(credit.sum(-1), torch.tensor([2 * a, -2 * a, -2 * a, 2 * a]))  # length-free
+    torch.testing.assert_close(credit.sum(-1), torch.tensor([2 * a, -2 * a, -2 * b, 2 * b]))  # length-free
     labels = torch.tensor([[1, -1, 0, 0], [0, 0, 0, 0], [1, 1, 0, -1], [0, 0, 0, 0]])
     combined = balto.assign_credit("balanced-info", labels, mask, torch.zeros(4), 2, 1.0, info, 2.0)
     torch.testing.assert_close(combined, balto.balanced_credit(labels, mask, 1.0) + credit)
