@@ -240,7 +240,7 @@ def load_items(path: str) -> list[dict]:
 def split_items(items: list[dict], eval_size: int, path: str) -> tuple[list[dict], list[dict]]:
     """Held-out split with a fixed seed, independent of --seed, so every run evaluates the same prompts."""
     if len(items) < eval_size + 1:
-        raise BaltoError(f"{path}: {len(items)} items, but --eval-size {eval_size} needs at least "
+        raise BaltoError(f"{path}: {len(items)} item{'s' * (len(items) != 1)}, but --eval-size {eval_size} needs at least "
                          f"{eval_size + 1} (the held-out prompts plus one to train on)")
     shuffled = items[:]
     random.Random(1234).shuffle(shuffled)
@@ -1083,8 +1083,9 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
              f"credit <b>{cfg.credit}</b>, {len(history)} of {cfg.steps} steps logged.</p>",
              '<p class="legend">Token colour = credit under that formula: <span style="background:rgba(22,163,74,.6)">'
              'positive</span><span style="background:rgba(220,38,38,.6)">negative</span>'
-             '<span style="background:rgb(229,231,235)">zero</span>. Outlined: a claim (solid green supported, dashed '
-             'red unsupported). Hover a token for its label and credit, a claim for its verifier score.</p>']
+             '<span style="background:rgb(229,231,235)">zero</span>. Intensity is relative to the largest |credit| in '
+             'that box. Outlined: a claim (solid green supported, dashed red unsupported). Hover a token for its '
+             'label and credit, a claim for its verifier score.</p>']
     parts.append("<h2>Held-out evaluation</h2>")
     if evals:
         keys = ["faithfulness", "informativeness", "q_score", "hallucination_rate", "response_len",
