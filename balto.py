@@ -11,7 +11,8 @@ One training step, in the order of the numbered sections of this file:
   3. claims    split each response into checkable factual claims with character spans
   4. verify    a small-model verifier scores p(supported | context, claim)
   5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
-  6. credit    per-token advantages: balanced (BALTO), token or response (the two baselines)
+  6. credit    per-token advantages: balanced (BALTO), token or response (the two baselines),
+               balanced-info (our extension: balanced + a group-relative informativeness bonus)
   7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
   8. update    AdamW with gradient clipping, dropout off
   9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
@@ -34,12 +35,11 @@ import html
 import importlib.util
 import json
 import math
-import os
 import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -208,32 +208,40 @@ def load_policy(name: str):
 # ================================================================================================
 # 1. Data
 # ================================================================================================
-def load_items(path: str) -> list[dict]:
-    """Read and validate the JSONL data file; errors name the file, the line and the field."""
+def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and the line."""
     if not Path(path).is_file():
-        raise BaltoError(f"{path}: no such data file")
-    items = []
+        raise BaltoError(f"{path}: no such {what}")
+    rows = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise BaltoError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(item, dict):
-                raise BaltoError(f"{path}:{line_no}: expected a JSON object, got {type(item).__name__}")
-            for key in ("context", "question"):
-                value = item.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    problem = "missing" if key not in item else "empty or not a string"
-                    raise BaltoError(f"{path}:{line_no}: field {key!r} is {problem}")
-            if "answer" in item and not isinstance(item["answer"], str):
-                raise BaltoError(f"{path}:{line_no}: field 'answer' must be a string")
-            item.setdefault("id", f"line{line_no}")
-            items.append(item)
-    if not items:
-        raise BaltoError(f"{path}: the data file is empty")
+            if not isinstance(row, dict):
+                raise BaltoError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no, row))
+    if not rows:
+        raise BaltoError(f"{path}: the {what} is empty")
+    return rows
+
+
+def load_items(path: str) -> list[dict]:
+    """Read and validate the data file; errors name the file, the line and the field."""
+    items = []
+    for line_no, item in read_jsonl(path, "data file"):
+        for key in ("context", "question"):
+            value = item.get(key)
+            if not isinstance(value, str) or not value.strip():
+                problem = "missing" if key not in item else "empty or not a string"
+                raise BaltoError(f"{path}:{line_no}: field {key!r} is {problem}")
+        if "answer" in item and not isinstance(item["answer"], str):
+            raise BaltoError(f"{path}:{line_no}: field 'answer' must be a string")
+        item.setdefault("id", f"line{line_no}")
+        items.append(item)
     return items
 
 
@@ -622,24 +630,13 @@ def make_verifier(name: str, device):
 
 
 def load_verifier_pairs(path: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise BaltoError(f"{path}: no such file")
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BaltoError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            for key in ("context", "claim", "supported"):
-                if key not in pair:
-                    raise BaltoError(f"{path}:{line_no}: field {key!r} is missing")
-            pair.setdefault("category", "all")
-            pairs.append(pair)
-    if not pairs:
-        raise BaltoError(f"{path}: the file is empty")
+    for line_no, pair in read_jsonl(path, "verifier pairs file"):
+        for key in ("context", "claim", "supported"):
+            if key not in pair:
+                raise BaltoError(f"{path}:{line_no}: field {key!r} is missing")
+        pair.setdefault("category", "all")
+        pairs.append(pair)
     return pairs
 
 
@@ -696,11 +693,11 @@ class Judgement:
     labels: torch.Tensor  # (B, R)
 
 
-def judge(verifier, contexts: list[str], texts: list[str], offsets: list[list[tuple[int, int]]],
-          width: int, threshold: float) -> Judgement:
+def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
     """Steps 3-5 for a batch: extract claims, verify all of them in one batched call, project to tokens."""
+    texts, offsets, width = batch.texts, batch.offsets, batch.mask.shape[1]
     claims = [extract_claims(text) for text in texts]
-    flat = [(ctx, text[s:e]) for ctx, text, spans in zip(contexts, texts, claims) for s, e in spans]
+    flat = [(item["context"], text[s:e]) for item, text, spans in zip(batch.items, texts, claims) for s, e in spans]
     flat_scores = iter(verifier.score(flat))
     scores = [[next(flat_scores) for _ in spans] for spans in claims]
     supported = [[p >= threshold for p in row] for row in scores]
@@ -822,8 +819,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     t1 = time.perf_counter()
     width = batch.mask.shape[1]
-    verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
-                    width, cfg.support_threshold)
+    verdict = judge(verifier, batch, cfg.support_threshold)
     t2 = time.perf_counter()
     labels = verdict.labels.to(device)
     rewards = response_rewards(verdict.supported).to(device)
@@ -869,6 +865,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
         "neutral_tokens": int(((labels == NEUTRAL) & mask).sum()),
         "kl": stats["kl"], "clipfrac": stats["clipfrac"], "loss": loss,
         "response_len": float(batch.mask.sum(1).float().mean()),
+        "truncated": 1 - sum(batch.finished) / len(batch.finished),  # share cut at max_new_tokens
         "generate_s": t1 - t0, "verify_s": t2 - t1, "update_s": t3 - t2,
         "example": example_record(batch, verdict, credit, 0),
     }
@@ -927,8 +924,7 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
     info, lengths = [], []
     for start in range(0, len(items), batch_prompts):
         batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples, cfg, device)
-        verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
-                        batch.mask.shape[1], cfg.support_threshold)
+        verdict = judge(verifier, batch, cfg.support_threshold)
         for item, text, ok, length in zip(batch.items, batch.texts, verdict.supported, batch.mask.sum(1).tolist()):
             unsupported = len(ok) - sum(ok)
             n_claims += len(ok)
@@ -1124,8 +1120,7 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
     state = torch.get_rng_state()
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     torch.set_rng_state(state)
-    verdict = judge(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets,
-                    batch.mask.shape[1], cfg.support_threshold)
+    verdict = judge(verifier, batch, cfg.support_threshold)
     responses = []
     for first in range(0, len(batch.texts), cfg.group_size):
         example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)

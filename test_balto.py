@@ -6,7 +6,6 @@ tokenizer are built here, nothing is downloaded.
 """
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -447,6 +446,13 @@ def test_missing_or_empty_field_names_the_line_and_field(tmp_path, capsys, bad, 
     assert f"{data}:2: field '{field}' is {problem}" in err
 
 
+def test_verifier_pairs_file_errors_name_the_line_and_field(tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"context": "c", "claim": "x", "supported": 1}),
+                                               json.dumps({"context": "c", "claim": "x"})])
+    err = run_main_error(["--check-verifier", pairs, "--verifier", "rules"], capsys)
+    assert f"{pairs}:2: field 'supported' is missing" in err
+
+
 def test_empty_data_file(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [""])
     assert "the data file is empty" in run_main_error(["--data", data], capsys)
@@ -520,6 +526,7 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
     for record in steps:
         assert record["supported_tokens"] + record["unsupported_tokens"] + record["neutral_tokens"] > 0
         assert len(record["example"]["tokens"]) == len(record["example"]["credit"])
+        assert 0 <= record["truncated"] <= 1
     assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "after"]
     assert set(metrics["before"]) == set(metrics["after"]) >= {"faithfulness", "informativeness", "q_score",
                                                                "hallucination_rate", "response_len"}
