@@ -402,8 +402,14 @@ def words(text: str) -> list[str]:
     return WORD.findall(text)
 
 
+def content_word_matches(text: str) -> list[re.Match]:
+    """Words that carry content: not a stopword, not a number, longer than one letter (with positions)."""
+    return [m for m in WORD.finditer(text)
+            if m.group().lower() not in STOPWORDS and not m.group()[0].isdigit() and len(m.group()) > 1]
+
+
 def content_words(text: str) -> list[str]:
-    return [w for w in words(text) if w.lower() not in STOPWORDS and not w[0].isdigit() and len(w) > 1]
+    return [m.group() for m in content_word_matches(text)]
 
 
 def has_name(text: str) -> bool:
@@ -603,10 +609,8 @@ class EncoderVerifier(RuleVerifier):
             similarity = (tokens[i] @ context_tokens.T).max(-1).values  # (T,) best match per claim token
             context_stems = {stem(w) for w in words(context)}
             support = []
-            for match in WORD.finditer(claim):
+            for match in content_word_matches(claim):
                 w = match.group()
-                if w.lower() in STOPWORDS or w[0].isdigit() or len(w) < 2:
-                    continue
                 if lexically_grounded(w, context_stems):
                     support.append(1.0)
                     continue
