@@ -817,6 +817,15 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 # ================================================================================================
 # 8. Update
 # ================================================================================================
+def rollout_informativeness(batch: Rollout, verdict: Judgement) -> torch.Tensor:
+    """Informativeness of each response (step 9); an item without a reference gets the batch mean: (B,)."""
+    info = [informativeness(text, item, len(ok) - sum(ok))
+            for text, item, ok in zip(batch.texts, batch.items, verdict.supported)]
+    known = [x for x in info if x is not None]
+    fill = sum(known) / len(known) if known else 0.0  # no reference answer: no bonus either way
+    return torch.tensor([fill if x is None else x for x in info])
+
+
 def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[dict], cfg: Config, device) -> dict:
     """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch."""
     t0 = time.perf_counter()
@@ -827,11 +836,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     t2 = time.perf_counter()
     labels = verdict.labels.to(device)
     rewards = response_rewards(verdict.supported).to(device)
-    info = [informativeness(text, item, len(ok) - sum(ok))
-            for text, item, ok in zip(batch.texts, batch.items, verdict.supported)]
-    info_known = [x for x in info if x is not None]
-    fill = sum(info_known) / len(info_known) if info_known else 0.0  # no reference answer: no bonus either way
-    info_t = torch.tensor([fill if x is None else x for x in info], device=device)
+    info_t = rollout_informativeness(batch, verdict).to(device)  # (B,)
     credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam,
                            info_t, cfg.info_weight)  # (B, R)
     rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
@@ -1125,13 +1130,12 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     torch.set_rng_state(state)
     verdict = judge(verifier, batch, cfg.support_threshold)
+    info_all = rollout_informativeness(batch, verdict)
     responses = []
     for first in range(0, len(batch.texts), cfg.group_size):
         example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)
-        rows = range(first, first + cfg.group_size)
-        group = [verdict.supported[i] for i in rows]
-        info = [informativeness(batch.texts[i], batch.items[i], len(ok) - sum(ok)) or 0.0
-                for i, ok in zip(rows, group)]
+        group = verdict.supported[first:first + cfg.group_size]
+        info = info_all[first:first + cfg.group_size].tolist()
         responses.append((example, credit_under_every_mode(example, group, info, cfg.lam, cfg.info_weight)))
     return {"step": step, "when": when, "responses": responses}
 
