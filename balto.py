@@ -82,7 +82,7 @@ class Config:
     "sampling temperature, no top-k / top-p (the same before, during and after training)"
     max_new_tokens: int = 64
     "longest response, in tokens"
-    lr: float = 1e-5
+    lr: float = 2e-5
     "AdamW learning rate"
     clip_eps: float = 0.2
     "PPO clip range: ratio is clipped to [1 - eps, 1 + eps]"
@@ -103,7 +103,7 @@ class Config:
 
     eval_size: int = 12
     "held-out prompts, never trained on"
-    eval_samples: int = 4
+    eval_samples: int = 8
     "samples per held-out prompt, before and after training"
 
 
@@ -471,15 +471,13 @@ def normalise_number(token: str) -> str:
     return token.replace(",", "").rstrip(".")
 
 
-def grounding_violations(context: str, claim: str, best_clause: str) -> list[str]:
-    """Transparent grounding rules. Any violation makes the claim unsupported.
+def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
+    """The number and name rules: what the claim states that the context cannot support.
 
     - number: a number in the claim that the context does not contain;
     - name: a capitalised word (not the first word, unless a second capital follows it) or an acronym
-      that the context does not contain;
-    - negation: the claim and the context clause it matches best disagree on negation;
-    - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
-    Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18%.", ...) -> ["number 18"]
+      that the context does not contain.
+    Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18% in Ohio.") -> ["number 18", "name Ohio"]
     """
     context_numbers = {normalise_number(w) for w in words(context) if w[0].isdigit()}
     context_lower = {w.lower().removesuffix("'s") for w in words(context)}
@@ -502,7 +500,19 @@ def grounding_violations(context: str, claim: str, best_clause: str) -> list[str
         next_is_capital = i + 1 < len(claim_words) and claim_words[i + 1][0].isupper()
         if i > 0 or next_is_capital:
             violations.append(f"name {base}")
-    claim_lower = [w.lower() for w in claim_words]
+    return violations
+
+
+def grounding_violations(context: str, claim: str, best_clause: str) -> list[str]:
+    """Transparent grounding rules. Any violation makes the claim unsupported.
+
+    - number and name: see ungrounded_numbers_and_names;
+    - negation: the claim and the context clause it matches best disagree on negation;
+    - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
+    Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18%.", ...) -> ["number 18"]
+    """
+    violations = ungrounded_numbers_and_names(context, claim)
+    claim_lower = [w.lower() for w in words(claim)]
     clause_lower = [w.lower() for w in words(best_clause)]
     claim_negated = any(w in NEGATIONS or w.endswith("n't") for w in claim_lower)
     clause_negated = any(w in NEGATIONS or w.endswith("n't") for w in clause_lower)
@@ -929,16 +939,18 @@ def q_score(faithfulness: float, informativeness: float) -> float:
 @torch.no_grad()
 def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device, batch_prompts: int = 4) -> dict:
     """Held-out metrics of SPEC.md step 9, with the training sampling settings."""
-    n_claims = n_supported = n_hallucinated = n_responses = 0
+    n_claims = n_supported = n_hallucinated = n_invented = n_responses = 0
     info, lengths = [], []
     for start in range(0, len(items), batch_prompts):
         batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples, cfg, device)
         verdict = judge(verifier, batch, cfg.support_threshold)
-        for item, text, ok, length in zip(batch.items, batch.texts, verdict.supported, batch.mask.sum(1).tolist()):
+        for item, text, spans, ok, length in zip(batch.items, batch.texts, verdict.claims, verdict.supported,
+                                                  batch.mask.sum(1).tolist()):
             unsupported = len(ok) - sum(ok)
             n_claims += len(ok)
             n_supported += sum(ok)
             n_hallucinated += unsupported > 0
+            n_invented += any(ungrounded_numbers_and_names(item["context"], text[s:e]) for s, e in spans)
             n_responses += 1
             lengths.append(length)
             score = informativeness(text, item, unsupported)
@@ -948,7 +960,8 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
     informative = sum(info) / len(info) if info else float("nan")
     return {"faithfulness": faithfulness, "informativeness": informative,
             "q_score": q_score(faithfulness, informative) if info else float("nan"),
-            "hallucination_rate": n_hallucinated / n_responses, "response_len": sum(lengths) / len(lengths),
+            "hallucination_rate": n_hallucinated / n_responses, "invented_rate": n_invented / n_responses,
+            "response_len": sum(lengths) / len(lengths),
             "claims_per_response": n_claims / n_responses, "responses": n_responses}
 
 
@@ -1093,8 +1106,8 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
              'label and credit, a claim for its verifier score.</p>']
     parts.append("<h2>Held-out evaluation</h2>")
     if evals:
-        keys = ["faithfulness", "informativeness", "q_score", "hallucination_rate", "response_len",
-                "claims_per_response"]
+        keys = ["faithfulness", "informativeness", "q_score", "hallucination_rate", "invented_rate",
+                "response_len", "claims_per_response"]
         head = "".join(f"<th>{html.escape(when)}</th>" for when in evals)
         rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{evals[w][key]:.3f}</td>" for w in evals) + "</tr>"
                        for key in keys)
@@ -1142,8 +1155,8 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
 
 def format_table(before: dict, after: dict) -> str:
     rows = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
-            ("hallucination rate", "hallucination_rate"), ("response length (tokens)", "response_len"),
-            ("claims per response", "claims_per_response")]
+            ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
+            ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
     lines = [f"{'held-out metric':<28}{'before':>10}{'after':>10}", "-" * 48]
     for label, key in rows:
         lines.append(f"{label:<28}{before[key]:>10.3f}{after[key]:>10.3f}")

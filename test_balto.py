@@ -315,6 +315,13 @@ def test_grounding_rules_name_the_violation(claim, violation):
     assert verifier.score([(context, claim)]) == [0.0]
 
 
+def test_number_and_name_rules_alone_ignore_negation_and_grounded_names():
+    context = "The bridge is 2.7 kilometres long and has 12 lanes. Carlos Ruiz opened it in 2018."
+    assert balto.ungrounded_numbers_and_names(context, "Ruiz opened it in 2019 with Ana Lopez.") == \
+        ["number 2019", "name Ana", "name Lopez"]
+    assert balto.ungrounded_numbers_and_names(context, "The bridge does not have 2.7 lanes.") == []
+
+
 def test_rule_verifier_supports_grounded_claims():
     context = "The bridge is 2.7 kilometres long and has 12 lanes. Traffic rose after it opened in 2018."
     verifier = balto.RuleVerifier()
@@ -529,7 +536,10 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
         assert 0 <= record["truncated"] <= 1
     assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "after"]
     assert set(metrics["before"]) == set(metrics["after"]) >= {"faithfulness", "informativeness", "q_score",
-                                                               "hallucination_rate", "response_len"}
+                                                               "hallucination_rate", "invented_rate", "response_len"}
+    for metrics_when in metrics.values():  # a response that invents a number or name is a hallucination
+        if "invented_rate" in metrics_when:
+            assert 0 <= metrics_when["invented_rate"] <= metrics_when["hallucination_rate"] <= 1
     assert json.loads((out / "metrics.json").read_text())["config"]["credit"] == credit
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.n_layer == 2
@@ -625,7 +635,7 @@ def test_report_shows_every_token_with_colours_that_follow_labels(tmp_path):
     history = [{"step": s, "reward": 0.1 * s, "faithfulness": 0.5, "kl": 0.01 * s, "response_len": 20 - s,
                 "supported_tokens": 10 + s, "unsupported_tokens": 10 - s} for s in (1, 2, 3)]
     evals = {"before": {"faithfulness": 0.5, "informativeness": 0.4, "q_score": 0.44, "hallucination_rate": 0.6,
-                        "response_len": 20.0, "claims_per_response": 1.5, "step": 0}}
+                        "invented_rate": 0.2, "response_len": 20.0, "claims_per_response": 1.5, "step": 0}}
     path = tmp_path / "r.html"
     balto.write_report(str(path), balto.Config(), history, [{"step": 0, "when": "start",
                                                              "responses": [(example, credits)]}], evals, "running")
