@@ -537,9 +537,8 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
     assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "after"]
     assert set(metrics["before"]) == set(metrics["after"]) >= {"faithfulness", "informativeness", "q_score",
                                                                "hallucination_rate", "invented_rate", "response_len"}
-    for metrics_when in metrics.values():  # a response that invents a number or name is a hallucination
-        if "invented_rate" in metrics_when:
-            assert 0 <= metrics_when["invented_rate"] <= metrics_when["hallucination_rate"] <= 1
+    for when in ("before", "after"):  # a response that invents a number or name is a hallucination
+        assert 0 <= metrics[when]["invented_rate"] <= metrics[when]["hallucination_rate"] <= 1
     assert json.loads((out / "metrics.json").read_text())["config"]["credit"] == credit
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.n_layer == 2
