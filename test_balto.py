@@ -322,6 +322,13 @@ def test_number_and_name_rules_alone_ignore_negation_and_grounded_names():
     assert balto.ungrounded_numbers_and_names(context, "The bridge does not have 2.7 lanes.") == []
 
 
+def test_number_name_verifier_passes_paraphrases_and_fails_invented_numbers():
+    context = "The bridge is 2.7 kilometres long and has 12 lanes. Carlos Ruiz opened it in 2018."
+    verifier = balto.make_verifier("numbers-names", "cpu")
+    claims = ["The crossing spans twelve lanes.", "Ruiz opened it in 2019.", "It was opened by Ana Lopez."]
+    assert verifier.score([(context, claim) for claim in claims]) == [1.0, 0.0, 0.0]
+
+
 def test_rule_verifier_supports_grounded_claims():
     context = "The bridge is 2.7 kilometres long and has 12 lanes. Traffic rose after it opened in 2018."
     verifier = balto.RuleVerifier()
