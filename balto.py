@@ -983,6 +983,10 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
 # ================================================================================================
 # 10. Report
 # ================================================================================================
+# The held-out metrics of evaluate(), in the order the terminal table and the HTML report show them.
+HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
+                    ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
+                    ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
 COLOURS = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}
 MARKERS = {SUPPORTED: ("[+", "+]"), UNSUPPORTED: ("[-", "-]")}
 
@@ -1121,8 +1125,7 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
              'label and credit, a claim for its verifier score.</p>']
     parts.append("<h2>Held-out evaluation</h2>")
     if evals:
-        keys = ["faithfulness", "informativeness", "q_score", "hallucination_rate", "invented_rate",
-                "response_len", "claims_per_response"]
+        keys = [key for _, key in HELD_OUT_METRICS]
         head = "".join(f"<th>{html.escape(when)}</th>" for when in evals)
         rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{evals[w][key]:.3f}</td>" for w in evals) + "</tr>"
                        for key in keys)
@@ -1169,11 +1172,8 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
 
 
 def format_table(before: dict, after: dict) -> str:
-    rows = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
-            ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
-            ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
     lines = [f"{'held-out metric':<28}{'before':>10}{'after':>10}", "-" * 48]
-    for label, key in rows:
+    for label, key in HELD_OUT_METRICS:
         lines.append(f"{label:<28}{before[key]:>10.3f}{after[key]:>10.3f}")
     return "\n".join(lines)
 
