@@ -12,7 +12,8 @@ One training step, in the order of the numbered sections of this file:
   4. verify    a small-model verifier scores p(supported | context, claim)
   5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
   6. credit    per-token advantages: balanced (BALTO), token or response (the two baselines),
-               balanced-info (our extension: balanced + a group-relative informativeness bonus)
+               balanced-info (our extension: balanced + a group-relative informativeness bonus),
+               balanced-centred (our extension: balanced minus its group mean)
   7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
   8. update    AdamW with gradient clipping, dropout off
   9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
@@ -71,7 +72,7 @@ class Config:
     "print one rollout with its token labels every N steps (0: never)"
 
     credit: str = "balanced"
-    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline) | balanced-info (our extension)"
+    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline) | balanced-info, balanced-centred (our extensions)"
     steps: int = 60
     "number of policy-gradient steps"
     prompts_per_step: int = 2
@@ -740,7 +741,7 @@ def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
 # ================================================================================================
 # 6. Credit
 # ================================================================================================
-CREDIT_MODES = ("balanced", "token", "response", "balanced-info")
+CREDIT_MODES = ("balanced", "token", "response", "balanced-info", "balanced-centred")
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished for being empty
 
 
@@ -795,12 +796,27 @@ def informativeness_credit(info: torch.Tensor, mask: torch.Tensor, group_size: i
     return mu * per_response / mask.sum(-1, keepdim=True).clamp(min=1)
 
 
+def group_centring(total: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Our extension, not the paper's: a group baseline for credit that has none: (B,), (B, T) -> (B, T).
+
+    total[i] is the credit response i carries in all. Every response of a group gives up the group's
+    mean total, spread evenly over its tokens, so each response then carries total[i] - mean_group(total)
+    whatever its length, and a group's credit sums to zero.
+    Example: total [1, 0], G 2, mask [[1, 1], [1, 0]] -> [[-.25, -.25], [-.5, 0]]
+    """
+    baseline = total.view(-1, group_size).mean(-1).repeat_interleave(group_size)  # (B,)
+    return -(baseline / mask.sum(-1).clamp(min=1)).unsqueeze(-1) * mask.float()
+
+
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                   group_size: int, lam: float, info: torch.Tensor | None = None, mu: float = 0.0) -> torch.Tensor:
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
     if mode == "balanced-info":
         return balanced_credit(labels, mask, lam) + informativeness_credit(info, mask, group_size, mu)
+    if mode == "balanced-centred":
+        balanced = balanced_credit(labels, mask, lam)
+        return balanced + group_centring(balanced.sum(-1), mask, group_size)
     if mode == "token":
         return token_credit(labels, mask)
     if mode == "response":
@@ -1065,8 +1081,11 @@ def credit_under_every_mode(example: dict, group_supported: list[list[bool]], gr
     response = response_credit(response_rewards(group_supported), group_mask, len(group_supported))[0]
     info = informativeness_credit(torch.tensor(group_info), group_mask, len(group_info), mu)[0]
     balanced = balanced_credit(labels, mask, lam)[0]
+    totals = torch.tensor([lam * any(row) - lam * (not all(row)) for row in group_supported])  # (G,)
+    centred = balanced + group_centring(totals, group_mask, len(group_supported))[0, 0]
     return {"balanced": balanced.tolist(), "token": token_credit(labels, mask)[0].tolist(),
-            "response": response.tolist(), "balanced-info": (balanced + info).tolist()}
+            "response": response.tolist(), "balanced-info": (balanced + info).tolist(),
+            "balanced-centred": centred.tolist()}
 
 
 def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140) -> str:
