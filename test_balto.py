@@ -131,6 +131,43 @@ def test_informativeness_credit_by_hand_and_its_per_response_total():
     torch.testing.assert_close(combined, balto.balanced_credit(labels, mask, 1.0) + credit)
 
 
+def test_centred_balanced_credit_matches_a_naive_loop_and_sums_to_zero_per_group():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(-1, 2, (8, 9), generator=g)
+    labels[2] = 0  # a response with no claim
+    labels[5] = torch.where(labels[5] == -1, 1, labels[5])  # one fully supported
+    mask = (torch.arange(9)[None] < torch.randint(1, 10, (8, 1), generator=g)).long()
+    balanced = balto.balanced_credit(labels, mask, lam=1.5)
+    credit = balto.assign_credit("balanced-centred", labels, mask, torch.zeros(8), 4, 1.5)
+    expected = balanced.clone()
+    for start in (0, 4):
+        group = range(start, start + 4)
+        baseline = sum(float(balanced[j].sum()) for j in group) / 4
+        for i in group:
+            length = int(mask[i].sum())
+            for t in range(length):
+                expected[i, t] -= baseline / length
+    torch.testing.assert_close(credit, expected)
+    torch.testing.assert_close(credit.view(2, 4, 9).sum((1, 2)), torch.zeros(2))  # zero-sum per group
+    shift = (credit - balanced) * mask  # the same amount on every token of a response
+    for i in range(8):
+        n = int(mask[i].sum())
+        torch.testing.assert_close(shift[i, :n], shift[i, :1].expand(n))
+        assert torch.all(shift[i, n:] == 0)
+
+
+def test_centred_balanced_credit_equals_balanced_when_a_group_agrees():
+    labels = torch.tensor([[1, 1, -1, 0], [1, -1, -1, 0], [0, 0, 0, 0], [-1, 1, 0, 0]])
+    mask = torch.ones(4, 4, dtype=torch.long)  # every row's total is 0: mixed, mixed, empty, mixed
+    credit = balto.assign_credit("balanced-centred", labels, mask, torch.zeros(4), 4, 1.0)
+    torch.testing.assert_close(credit, balto.balanced_credit(labels, mask, 1.0))
+    supported_only = torch.tensor([[1, 1, 0], [1, 0, 0]])  # both fully supported: no push left
+    credit = balto.assign_credit("balanced-centred", supported_only, torch.ones(2, 3, dtype=torch.long),
+                                 torch.zeros(2), 2, 1.0)
+    torch.testing.assert_close(credit.sum(-1), torch.zeros(2))
+    assert credit[0, 0] > credit[0, 2] and credit[1, 0] > credit[1, 1]  # still ranks tokens within one
+
+
 def test_response_credit_is_zero_for_a_group_with_equal_rewards():
     credit = balto.response_credit(torch.tensor([0.5, 0.5, 1.0, 0.0]), torch.ones(4, 3), group_size=2)
     assert torch.all(credit[:2] == 0) and torch.all(credit[2] > 0) and torch.all(credit[3] < 0)
@@ -634,6 +671,18 @@ def known_snapshot():
                "tokens": [text[s:e] for s, e in offsets]}
     group = [[True, False], [True], [False], []]
     return example, balto.credit_under_every_mode(example, group, [0.5, 1.0, 0.0, 0.0], lam=1.0, mu=1.0)
+
+
+def test_report_credit_of_each_mode_matches_assign_credit_on_the_same_group():
+    example, _ = known_snapshot()
+    group = [[True, False], [True], [True, True], []]  # mixed, supported, supported, no claim: mean total 0.5
+    credits = balto.credit_under_every_mode(example, group, [0.5, 1.0, 0.0, 0.0], lam=1.0, mu=1.0)
+    first = torch.tensor([example["labels"]])  # (1, 11)
+    others = torch.tensor([[1] * 3 + [0] * 8, [1] * 5 + [0] * 6, [0] * 11])
+    labels, mask = torch.cat([first, others]), torch.ones(4, 11, dtype=torch.long)
+    for mode in ("balanced", "balanced-centred", "token"):
+        expected = balto.assign_credit(mode, labels, mask, torch.zeros(4), 4, 1.0)[0]
+        torch.testing.assert_close(torch.tensor(credits[mode]), expected, msg=mode)
 
 
 def test_report_shows_every_token_with_colours_that_follow_labels(tmp_path):
