@@ -11,9 +11,9 @@ One training step, in the order of the numbered sections of this file:
   3. claims    split each response into checkable factual claims with character spans
   4. verify    a small-model verifier scores p(supported | context, claim)
   5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
-  6. credit    per-token advantages: balanced (BALTO), token or response (the two baselines),
-               balanced-info (our extension: balanced + a group-relative informativeness bonus),
-               balanced-centred (our extension: balanced minus its group mean)
+  6. credit    per-token advantages: balanced (BALTO as SPEC.md reconstructs it), token or response
+               (the two baselines), balanced-centred (the default; our extension: balanced minus its
+               group mean), balanced-info (our extension: balanced + an informativeness bonus)
   7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
   8. update    AdamW with gradient clipping, dropout off
   9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
@@ -22,6 +22,7 @@ One training step, in the order of the numbered sections of this file:
 
 Run it:
   python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
+  python balto.py --credit balanced                 # SPEC.md's balanced credit, with no group baseline
   python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
   python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
   python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
@@ -71,8 +72,8 @@ class Config:
     show_every: int = 10
     "print one rollout with its token labels every N steps (0: never)"
 
-    credit: str = "balanced"
-    "balanced (BALTO) | token (unbalanced baseline) | response (GRPO-style baseline) | balanced-info, balanced-centred (our extensions)"
+    credit: str = "balanced-centred"
+    "balanced-centred (our extension: balanced minus its group mean) | balanced (BALTO as SPEC.md reconstructs it) | token | response (baselines) | balanced-info (our extension)"
     steps: int = 60
     "number of policy-gradient steps"
     prompts_per_step: int = 2
@@ -89,8 +90,8 @@ class Config:
     "PPO clip range: ratio is clipped to [1 - eps, 1 + eps]"
     kl_beta: float = 0.02
     "weight of the k3 KL penalty to the frozen reference policy"
-    lam: float = 1.0
-    "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit"
+    lam: float = 2.0
+    "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit; under AdamW it acts mainly through its ratio to --kl-beta"
     info_weight: float = 1.0
     "mu: weight of the group-relative informativeness bonus, used only by --credit balanced-info"
     epochs: int = 1
