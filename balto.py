@@ -22,7 +22,7 @@ One training step, in the order of the numbered sections of this file:
 
 Run it:
   python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
-  python balto.py --credit balanced                 # SPEC.md's balanced credit, with no group baseline
+  python balto.py --credit balanced --lam 1         # SPEC.md's balanced credit alone (the old default)
   python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
   python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
   python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
