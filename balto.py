@@ -11,9 +11,9 @@ One training step, in the order of the numbered sections of this file:
   3. claims    split each response into checkable factual claims with character spans
   4. verify    a small-model verifier scores p(supported | context, claim)
   5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
-  6. credit    per-token advantages: balanced (BALTO as SPEC.md reconstructs it), token or response
-               (the two baselines), balanced-centred (the default; our extension: balanced minus its
-               group mean), balanced-info (our extension: balanced + an informativeness bonus)
+  6. credit    per-token advantages: balanced (BALTO as SPEC.md reconstructs it, the default), token or
+               response (the two baselines), balanced-centred (our extension: balanced minus its group
+               mean), balanced-info (our extension: balanced + an informativeness bonus)
   7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
   8. update    AdamW with gradient clipping, dropout off
   9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
@@ -22,7 +22,7 @@ One training step, in the order of the numbered sections of this file:
 
 Run it:
   python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
-  python balto.py --credit balanced --lam 1         # SPEC.md's balanced credit alone (the old default)
+  python balto.py --credit balanced-centred         # our extension: balanced credit with a group baseline
   python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
   python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
   python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
@@ -72,8 +72,8 @@ class Config:
     show_every: int = 10
     "print one rollout with its token labels every N steps (0: never)"
 
-    credit: str = "balanced-centred"
-    "balanced-centred (our extension: balanced minus its group mean) | balanced (BALTO as SPEC.md reconstructs it) | token | response (baselines) | balanced-info (our extension)"
+    credit: str = "balanced"
+    "balanced (BALTO as SPEC.md reconstructs it) | token | response (baselines) | balanced-centred, balanced-info (our extensions)"
     steps: int = 60
     "number of policy-gradient steps"
     prompts_per_step: int = 2
