@@ -1,0 +1,61 @@
+"""The work of `python balto.py --model DIR --steps 8 --eval-size 2 --eval-samples 1`, done by TRL's GRPOTrainer.
+
+Same model, training prompts (balto's split and prompt template), G = 4 samples for each of 2 prompts
+per step, at most 64 new tokens, temperature 0.7 with no top-k / top-p, KL weight 0.02, learning rate
+2e-5, one update per rollout, no gradient checkpointing; the reward is balto's own claims + MiniLM verifier (share of supported
+claims). Prints each step's wall time and the median. Run it from the repository root, in a virtual
+environment of its own (README "Speed and memory"): TRL is never a dependency of balto.py.
+
+    python bench/trl_grpo.py runs/smollm2-f32
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import balto  # noqa: E402  (only its data, prompt, claims and verifier functions)
+
+model_dir = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+train, _ = balto.split_items(balto.load_items("data_sample.jsonl"), 2, "data_sample.jsonl")
+prompts = Dataset.from_list([{"prompt": balto.build_prompt(tokenizer, item), "context": item["context"]}
+                             for item in train])
+verifier = balto.make_verifier("minilm", torch.device("cpu"))
+
+
+def supported_share(completions, context, **_):
+    """balto's response reward r_i: the share of the response's claims that the verifier supports."""
+    rewards = []
+    for text, ctx in zip(completions, context):
+        scores = verifier.score([(ctx, text[s:e]) for s, e in balto.extract_claims(text)])
+        rewards.append(sum(p >= 0.35 for p in scores) / len(scores) if scores else balto.NO_CLAIM_REWARD)
+    return rewards
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.start, self.seconds = 0.0, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+config = GRPOConfig(output_dir="runs/trl-bench", max_steps=8, per_device_train_batch_size=8, num_generations=4,
+                    gradient_accumulation_steps=1, max_completion_length=64, temperature=0.7, top_p=1.0, top_k=0,
+                    beta=0.02, learning_rate=2e-5, num_iterations=1, logging_steps=1, report_to="none",
+                    save_strategy="no", use_cpu=True, bf16=False, seed=0,
+                    gradient_checkpointing=False)  # TRL turns it on by default; balto.py recomputes nothing
+timer = StepTimer()
+GRPOTrainer(model=model_dir, reward_funcs=supported_share, args=config, train_dataset=prompts,
+            processing_class=tokenizer, callbacks=[timer]).train()
+print("trl step seconds:", [round(s, 2) for s in timer.seconds])
+print(f"trl median step: {statistics.median(timer.seconds):.2f} s over {len(timer.seconds)} steps")
