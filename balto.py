@@ -401,7 +401,7 @@ class Rollout:
 
         Columns past the longest of these rows are all padding: they never enter the model and read 0.
         """
-        n = int(self.mask[rows].sum(-1).max())
+        n = max(1, int(self.mask[rows].sum(-1).max()))  # at least one column, even for empty responses
         logp = token_logprobs(model, self.prompt_ids, self.prompt_mask, self.prompt_of[rows],
                               self.response_ids[rows, :n], self.mask[rows, :n], temperature)  # (rows, n)
         return F.pad(logp, (0, self.mask.shape[1] - n))
