@@ -828,14 +828,19 @@ class Judgement:
 
 
 def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
-    """Steps 3-5 for a batch: extract claims, verify all of them in one batched call, project to tokens."""
-    texts, offsets, width = batch.texts, batch.offsets, batch.mask.shape[1]
+    """Steps 3-5 for a rollout batch (see judge_responses)."""
+    return judge_responses(verifier, [item["context"] for item in batch.items], batch.texts, batch.offsets, threshold)
+
+
+def judge_responses(verifier, contexts: list[str], texts: list[str], offsets: list[list[tuple[int, int]]],
+                    threshold: float) -> Judgement:
+    """Steps 3-5: extract claims, verify all of them in one batched call, project them onto the tokens."""
     claims = [extract_claims(text) for text in texts]
-    flat = [(item["context"], text[s:e]) for item, text, spans in zip(batch.items, texts, claims) for s, e in spans]
+    flat = [(context, text[s:e]) for context, text, spans in zip(contexts, texts, claims) for s, e in spans]
     flat_scores = iter(verifier.score(flat))
     scores = [[next(flat_scores) for _ in spans] for spans in claims]
     supported = [[p >= threshold for p in row] for row in scores]
-    labels = torch.zeros((len(texts), width), dtype=torch.long)
+    labels = torch.zeros((len(texts), max(1, max(map(len, offsets), default=0))), dtype=torch.long)  # (B, R)
     for i, (row_offsets, spans, ok) in enumerate(zip(offsets, claims, supported)):
         row = project_labels(row_offsets, spans, ok)
         labels[i, :len(row)] = torch.tensor(row, dtype=torch.long)

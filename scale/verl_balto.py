@@ -60,12 +60,10 @@ def token_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]
 
 def response_labels(tokenizer, ids: list[int], context: str, verifier,
                     threshold: float = balto.Config.support_threshold) -> tuple[list[int], float]:
-    """(token labels of the response ids, response reward r_i), exactly as balto.judge and balto.response_rewards."""
+    """(token labels of the response ids, response reward r_i): balto.judge_responses and balto.response_rewards."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    claims = balto.extract_claims(text)
-    supported = [p >= threshold for p in verifier.score([(context, text[s:e]) for s, e in claims])]
-    labels = balto.project_labels(token_offsets(tokenizer, ids, text), claims, supported)
-    return labels, float(balto.response_rewards([supported])[0])
+    verdict = balto.judge_responses(verifier, [context], [text], [token_offsets(tokenizer, ids, text)], threshold)
+    return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.supported)[0])
 
 
 @register_reward_manager("balto")
