@@ -43,7 +43,8 @@ def token_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]
     """Character span in `text` (the ids decoded without special tokens) of each id; special tokens get (0, 0).
 
     Re-encoding the text with offsets gives the spans when it yields the same ids (nearly always for BPE);
-    otherwise each token's span is read off by decoding growing prefixes (slower, always right).
+    otherwise each token's span is read off by decoding growing prefixes (slower; where one character takes
+    several tokens, one of them gets its span and the others an empty one, so they stay neutral).
     """
     special = set(tokenizer.all_special_ids)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
