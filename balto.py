@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import html
 import importlib.util
 import inspect
@@ -294,12 +295,15 @@ def build_prompt(tokenizer, item: dict) -> str:
 # ================================================================================================
 # 2. Rollout
 # ================================================================================================
-def forward_with_cache(model, cache=None, **inputs):
-    """model(**inputs, use_cache=True) -> (logits, KV cache), whatever this transformers calls the cache.
+@functools.cache
+def cache_argument(model_class) -> str:
+    """transformers 5 renamed the KV-cache argument and output field past_key_values to cache; accept either."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
-    transformers 5 renamed the argument and output field past_key_values to cache; accept either.
-    """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def forward_with_cache(model, cache=None, **inputs):
+    """model(**inputs, use_cache=True) -> (logits, KV cache), whatever this transformers calls the cache."""
+    name = cache_argument(type(model))  # looked up once per model class, not at every sampled token
     out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
     return out.logits, getattr(out, name)
 
