@@ -31,11 +31,9 @@ verifier = balto.make_verifier("minilm", torch.device("cpu"))
 
 def supported_share(completions, context, **_):
     """balto's response reward r_i: the share of the response's claims that the verifier supports."""
-    rewards = []
-    for text, ctx in zip(completions, context):
-        scores = verifier.score([(ctx, text[s:e]) for s, e in balto.extract_claims(text)])
-        rewards.append(sum(p >= 0.35 for p in scores) / len(scores) if scores else balto.NO_CLAIM_REWARD)
-    return rewards
+    verdict = balto.judge_responses(verifier, context, completions, [[] for _ in completions],  # no token labels
+                                    balto.Config.support_threshold)
+    return balto.response_rewards(verdict.supported).tolist()
 
 
 class StepTimer(TrainerCallback):
