@@ -11,9 +11,9 @@ One training step, in the order of the numbered sections of this file:
   3. claims    split each response into checkable factual claims with character spans
   4. verify    a small-model verifier scores p(supported | context, claim)
   5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
-  6. credit    per-token advantages: balanced (BALTO as SPEC.md reconstructs it, the default), token or
-               response (the two baselines), balanced-centred (our extension: balanced minus its group
-               mean), balanced-info (our extension: balanced + an informativeness bonus)
+  6. credit    per-token advantages A[i, t]: balanced and balanced-group (BALTO, our two
+               reconstructions), fspo (the published token-level peer), token and response (baselines);
+               match_scale then divides every mode by one batch RMS so that all share one KL strength
   7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
   8. update    AdamW with gradient clipping, dropout off
   9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
@@ -22,7 +22,7 @@ One training step, in the order of the numbered sections of this file:
 
 Run it:
   python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
-  python balto.py --credit balanced-centred         # our extension: balanced credit with a group baseline
+  python balto.py --credit fspo                     # FSPO's sign-aligned GRPO advantage, the published peer
   python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
   python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
   python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
@@ -41,8 +41,10 @@ import json
 import math
 import random
 import re
+import string
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +77,7 @@ class Config:
     "print one rollout with its token labels every N steps (0: never)"
 
     credit: str = "balanced"
-    "balanced (BALTO as SPEC.md reconstructs it) | token | response (baselines) | balanced-centred, balanced-info (our extensions)"
+    "balanced-group, balanced (BALTO, our two reconstructions) | fspo (published peer) | token | response (baselines)"
     steps: int = 60
     "number of policy-gradient steps"
     prompts_per_step: int = 2
@@ -94,8 +96,8 @@ class Config:
     "weight of the k3 KL penalty to the frozen reference policy"
     lam: float = 2.0
     "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit; under AdamW it acts mainly through its ratio to --kl-beta"
-    info_weight: float = 1.0
-    "mu: weight of the group-relative informativeness bonus, used only by --credit balanced-info"
+    match_scale: bool = True
+    "divide each batch's credit by its RMS over response tokens, so --lr and --kl-beta mean the same in every mode"
     epochs: int = 1
     "optimisation epochs over each rollout batch"
     grad_clip: float = 1.0
@@ -105,17 +107,23 @@ class Config:
     support_threshold: float = 0.35
     "a claim is supported when the verifier's p(supported) >= this (for minilm: every new word's cosine to the context)"
 
-    eval_size: int = 12
+    eval_size: int = 64
     "held-out prompts, never trained on"
-    eval_samples: int = 8
+    eval_samples: int = 4
     "samples per held-out prompt, before and after training"
+    eval_before: bool = True
+    "evaluate the untrained policy too (the same in every run: the evaluation has its own seed)"
 
 
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # --match-scale / --no-match-scale
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=HELP[f.name])
     cfg = Config(**vars(parser.parse_args(argv)))
     choices = {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps")}
     for name, allowed in choices.items():
@@ -137,7 +145,7 @@ LIMITS = [  # (Config fields, rule, the rule in words)
      lambda v: v >= 1, "at least 1"),
     (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
     (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
-    (("kl_beta", "lam", "info_weight"), lambda v: v >= 0, "a finite number >= 0"),
+    (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
     (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
 ]
 
@@ -358,12 +366,13 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, temperature: float,
-           max_new_tokens: int, eos_id: int) -> torch.Tensor:
+           max_new_tokens: int, eos_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, <= max_new_tokens).
 
     Rows n*G .. n*G+G-1 answer prompt n. The prompt is encoded once and its cache copied to its G rows;
     then one token per step for all rows, until every row has emitted EOS (EOS fills a finished row).
-    Plain softmax(logits / temperature): no top-k, no top-p.
+    Plain softmax(logits / temperature): no top-k, no top-p. Draws from `generator` if given, else from
+    torch's global stream.
     """
     logits, cache = encode_prompts(model, prompt_mask, input_ids=prompt_ids)
     cache.batch_repeat_interleave(group_size)
@@ -374,7 +383,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
     tokens = []
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(probs, 1).squeeze(-1).masked_fill(done, eos_id)  # (B,)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1).masked_fill(done, eos_id)  # (B,)
         tokens.append(token)
         done |= token == eos_id
         if done.all():
@@ -423,7 +432,8 @@ def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device) -> Rollout:
+def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
+            generator: torch.Generator | None = None) -> Rollout:
     """Sample group_size responses per item, then re-encode them with character offsets.
 
     The verifier judges text and the projection needs character offsets, so each sampled response is
@@ -436,7 +446,7 @@ def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, d
     enc = tokenizer([build_prompt(tokenizer, item) for item in items], return_tensors="pt", padding=True,
                     add_special_tokens=not has_template).to(device)
     sampled = sample(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature, cfg.max_new_tokens,
-                     tokenizer.eos_token_id)  # (B, <=R)
+                     tokenizer.eos_token_id, generator)  # (B, <=R)
     keep = completion_mask(sampled, tokenizer.eos_token_id).bool()
     texts, responses, offsets, finished = [], [], [], []
     for row, row_keep in zip(sampled, keep):
@@ -854,8 +864,8 @@ def judge_responses(verifier, contexts: list[str], texts: list[str], offsets: li
 # ================================================================================================
 # 6. Credit
 # ================================================================================================
-CREDIT_MODES = ("balanced", "token", "response", "balanced-info", "balanced-centred")
-GROUP_RELATIVE = ("response", "balanced-info", "balanced-centred")  # need G >= 2: a group's mean and std
+CREDIT_MODES = ("balanced-group", "balanced", "fspo", "token", "response")
+GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished for being empty
 
 
@@ -864,18 +874,22 @@ def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
     return torch.tensor([sum(row) / len(row) if row else NO_CLAIM_REWARD for row in supported])
 
 
-def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """BALTO: +lam / N+ on supported tokens, -lam / N- on unsupported tokens, 0 elsewhere: (B, T) -> (B, T).
+def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's g_i = (r_i - mean_group(r)) / (std_group(r) + eps): (B,) -> (B,).
 
-    Each response moves at most lam of credit up and lam down, whatever its length; appending neutral
-    tokens changes nothing.
-    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]], lam 1 -> [[0.5, 0.5, -1.0, 0.0]]
+    Rows i*G .. i*G+G-1 share a prompt. eps keeps an all-equal group (std 0) at exactly zero.
+    Example: rewards [1, 0, 0.5, 0.5], G 2 -> [.707, -.707, 0, 0]
     """
-    supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
-    unsupported = ((labels == UNSUPPORTED) & mask.bool()).float()  # (B, T)
-    n_supported = supported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    return lam * supported / n_supported - lam * unsupported / n_unsupported
+    grouped = rewards.view(-1, group_size)  # (B / G, G)
+    return ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO baseline: g_i on every token of response i: (B,), (B, T) -> (B, T).
+
+    Example: rewards [1, 0, 0.5, 0.5], G 2, mask ones(4, 2) -> [[.707, .707], [-.707, -.707], [0, 0], [0, 0]]
+    """
+    return group_advantage(rewards, group_size, eps).unsqueeze(-1) * mask.float()
 
 
 def token_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -886,56 +900,73 @@ def token_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return labels.float() * mask.float()
 
 
-def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO-style baseline: group-normalised response reward on every token: (B,), (B, T) -> (B, T).
+def fspo_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """FSPO (Li et al. 2025, arXiv 2505.24630): GRPO's g_i with its sign set by each token's label.
 
-    Rows i*G .. i*G+G-1 share a prompt. eps keeps an all-equal group (std 0) at exactly zero credit.
-    Example: rewards [1, 0, 0.5, 0.5], G 2, mask ones(4, 2) -> [[.707, .707], [-.707, -.707], [0, 0], [0, 0]]
+    +|g_i| on supported tokens, -|g_i| on unsupported tokens, g_i on neutral ones: (B, T) -> (B, T).
+    Token-level but not balanced: a response's total grows with its length.
+    Example: labels [[1, -1, 0], [0, 0, 0]], rewards [0.5, 1], G 2 -> [[.707, -.707, -.707], [.707, .707, .707]]
     """
-    grouped = rewards.view(-1, group_size)  # (B / G, G)
-    advantage = (grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + eps)
-    return advantage.reshape(-1, 1) * mask.float()  # (B, T)
+    g = response_credit(rewards, mask, group_size)  # (B, T)
+    signed = torch.where(labels == SUPPORTED, g.abs(), torch.where(labels == UNSUPPORTED, -g.abs(), g))
+    return signed * mask.float()
 
 
-def informativeness_credit(info: torch.Tensor, mask: torch.Tensor, group_size: int, mu: float) -> torch.Tensor:
-    """Our extension, not the paper's: a group-relative bonus for conveying the reference facts.
+def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """BALTO: +lam / N+ on supported tokens, -lam / N- on unsupported tokens, 0 elsewhere: (B, T) -> (B, T).
 
-    The group-normalised informativeness advantage, times mu, spread evenly over the response's tokens,
-    so that each response carries mu * advantage in total whatever its length (the balanced idea again).
-    Under balanced credit alone, saying nothing checkable is never punished; this term makes the emptiest
-    answer of a group the one that loses. (B,), (B, T) -> (B, T).
-    Example: info [1, 0], G 2, mu 1, mask [[1, 1], [1, 0]] -> [[.354, .354], [-.707, 0]]
+    Each response moves at most lam of credit up and lam down, whatever its length; appending neutral
+    tokens changes nothing. There is no group comparison: a response that states nothing checkable
+    gets no credit at all.
+    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]], lam 1 -> [[0.5, 0.5, -1.0, 0.0]]
     """
-    per_response = response_credit(info, mask, group_size)  # (B, T): advantage on every token
-    return mu * per_response / mask.sum(-1, keepdim=True).clamp(min=1)
+    supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
+    unsupported = ((labels == UNSUPPORTED) & mask.bool()).float()  # (B, T)
+    n_supported = supported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return lam * supported / n_supported - lam * unsupported / n_unsupported
 
 
-def group_centring(total: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Our extension, not the paper's: a group baseline for credit that has none: (B,), (B, T) -> (B, T).
+def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: int,
+                          lam: float) -> torch.Tensor:
+    """BALTO with a group signal (our second reconstruction): balanced + g_i / L_i: (B, T) -> (B, T).
 
-    total[i] is the credit response i carries in all. Every response of a group gives up the group's
-    mean total, spread evenly over its tokens, so each response then carries total[i] - mean_group(total)
-    whatever its length, and a group's credit sums to zero.
-    Example: total [1, 0], G 2, mask [[1, 1], [1, 0]] -> [[-.25, -.25], [-.5, 0]]
+    The group advantage is spread evenly over the response's L_i tokens, so response i carries g_i in
+    total whatever its length, on top of the balanced +lam / -lam transfer. A response that states nothing
+    checkable now loses to a better one of its group; padding still changes no response's total.
+    Example: labels [[1, -1], [0, 0]], rewards [0.5, 1], G 2, lam 1 -> [[.646, -1.354], [.354, .354]]
     """
-    baseline = total.view(-1, group_size).mean(-1).repeat_interleave(group_size)  # (B,)
-    return -(baseline / mask.sum(-1).clamp(min=1)).unsqueeze(-1) * mask.float()
+    length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
+    return balanced_credit(labels, mask, lam) + response_credit(rewards, mask, group_size) / length
 
 
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                  group_size: int, lam: float, info: torch.Tensor | None = None, mu: float = 0.0) -> torch.Tensor:
+                  group_size: int, lam: float) -> torch.Tensor:
+    """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T)."""
+    if mode == "balanced-group":
+        return balanced_group_credit(labels, mask, rewards, group_size, lam)
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
-    if mode == "balanced-info":
-        return balanced_credit(labels, mask, lam) + informativeness_credit(info, mask, group_size, mu)
-    if mode == "balanced-centred":
-        balanced = balanced_credit(labels, mask, lam)
-        return balanced + group_centring(balanced.sum(-1), mask, group_size)
+    if mode == "fspo":
+        return fspo_credit(labels, mask, rewards, group_size)
     if mode == "token":
         return token_credit(labels, mask)
     if mode == "response":
         return response_credit(rewards, mask, group_size)
     raise BaltoError(f"--credit must be one of {', '.join(CREDIT_MODES)} (got {mode!r})")
+
+
+def match_scale(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Divide the batch's credit by its RMS over response tokens: (B, T) -> (B, T), RMS 1 (or all zero).
+
+    One scalar for the whole batch: signs, zeros and every ratio inside the batch stay as they were. It
+    makes the learning rate and --kl-beta mean the same in every mode; without it balanced credit carries
+    about 0.1 per token and GRPO about 1, and a comparison at one KL weight measures the KL strength.
+    Example: credit [[3, -4, 9]], mask [[1, 1, 0]] -> [[.849, -1.131, 0]] (RMS of 3 and -4 is 3.536)
+    """
+    mask = mask.float()
+    rms = ((credit * mask).pow(2).sum() / mask.sum().clamp(min=1)).sqrt()
+    return credit * mask / rms if rms > 0 else credit * mask
 
 
 # ================================================================================================
@@ -972,15 +1003,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 # ================================================================================================
 # 8. Update
 # ================================================================================================
-def rollout_informativeness(batch: Rollout, verdict: Judgement) -> torch.Tensor:
-    """Informativeness of each response (step 9); an item without a reference gets the batch mean: (B,)."""
-    info = [informativeness(text, item, len(ok) - sum(ok))
-            for text, item, ok in zip(batch.texts, batch.items, verdict.supported)]
-    known = [x for x in info if x is not None]
-    fill = sum(known) / len(known) if known else 0.0  # no reference answer: no bonus either way
-    return torch.tensor([fill if x is None else x for x in info])
-
-
 def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[dict], cfg: Config, device) -> dict:
     """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch."""
     t0 = time.perf_counter()
@@ -990,9 +1012,10 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     t2 = time.perf_counter()
     labels = verdict.labels.to(device)
     rewards = response_rewards(verdict.supported).to(device)
-    info_t = rollout_informativeness(batch, verdict).to(device)  # (B,)
-    credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam,
-                           info_t, cfg.info_weight)  # (B, R)
+    credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)  # (B, R)
+    scale = float((credit.pow(2).sum() / batch.mask.sum()).sqrt())  # the credit's RMS before matching
+    if cfg.match_scale:
+        credit = match_scale(credit, batch.mask)
     rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
     n_tokens = batch.mask.sum()  # counted once for the whole batch
     with torch.no_grad():
@@ -1019,7 +1042,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     n_supported = sum(sum(row) for row in verdict.supported)
     return {
         "reward": float(rewards.mean()),
-        "informativeness": float(info_t.mean()),
+        "credit_rms": scale,
         "faithfulness": n_supported / n_claims if n_claims else 1.0,
         "claims": n_claims,
         "supported_tokens": int(((labels == SUPPORTED) & mask).sum()),
@@ -1055,64 +1078,115 @@ def key_terms(answer: str, question: str) -> set[str]:
     return (terms - given) or terms
 
 
-def informativeness(response: str, item: dict, unsupported_claims: int) -> float | None:
-    """How much of the reference answer the response conveys, in [0, 1]; None without a reference.
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, split on white space."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
-    Answerable item: the share of the reference's key terms (see key_terms) found in the response.
-    Unanswerable item (reference abstains): 1 if the response abstains and asserts nothing
-    unsupported, else 0. Either way an empty response scores 0.
-    Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon." -> 0.5
+
+def informativeness(response: str, item: dict, unsupported_claims: int) -> tuple[float, float] | None:
+    """(token F1, key-term recall) of the response against the reference answer; None without a reference.
+
+    Answerable item: SQuAD-style token F1 against the reference (padding lowers its precision, so pasting
+    the context cannot win it), and beside it the share of the reference's key terms found in the
+    response (recall alone rewards copying). Unanswerable item (the reference abstains): both are 1 if the
+    response abstains and asserts nothing unsupported, else 0. An empty response scores 0.
+    Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon." -> (0.8, 0.5)
     """
     answer = item.get("answer")
     if not answer:
         return None
     if is_abstention(answer):
-        return float(is_abstention(response) and unsupported_claims == 0)
+        score = float(is_abstention(response) and unsupported_claims == 0)
+        return score, score
+    reference, said = squad_tokens(answer), squad_tokens(response)
+    common = sum((Counter(reference) & Counter(said)).values())
+    f1 = 2 * common / (len(reference) + len(said)) if common else 0.0
     terms = key_terms(answer, item["question"])
     found = {stem(normalise_number(w)) for w in words(response)}
-    return len(terms & found) / len(terms) if terms else None
+    return f1, (len(terms & found) / len(terms) if terms else f1)
 
 
-def q_score(faithfulness: float, informativeness: float) -> float:
-    """Our Q-score: the harmonic mean of faithfulness and informativeness."""
-    total = faithfulness + informativeness
-    return 2 * faithfulness * informativeness / total if total > 0 else 0.0
+# Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
+PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens", "scored", "f1", "recall")
+
+
+def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics of SPEC.md step 9 from summed per-prompt counts: (..., len(PROMPT_COUNTS)) -> each (...).
+
+    Micro averages: faithfulness is supported claims / all claims over every response, not a mean of
+    per-response shares, so a response with many claims weighs more.
+    """
+    c = dict(zip(PROMPT_COUNTS, counts.double().unbind(-1)))
+    faithfulness = torch.where(c["claims"] > 0, c["supported"] / c["claims"].clamp(min=1), 1.0)
+    informative = c["f1"] / c["scored"]  # nan when no prompt has a reference answer
+    total = faithfulness + informative
+    return {"faithfulness": faithfulness, "informativeness": informative,  # Q: their harmonic mean (ours)
+            "q_score": torch.where(total > 0, 2 * faithfulness * informative / total, 0.0),
+            "key_term_recall": c["recall"] / c["scored"],
+            "hallucination_rate": c["hallucinated"] / c["responses"], "invented_rate": c["invented"] / c["responses"],
+            "response_len": c["tokens"] / c["responses"], "claims_per_response": c["claims"] / c["responses"]}
+
+
+def bootstrap_intervals(per_prompt: torch.Tensor, resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of every held-out metric, resampling prompts with replacement: (P, K) in.
+
+    Prompts, not responses, are the unit: a prompt's samples share its difficulty.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(per_prompt), (resamples, len(per_prompt)), generator=generator)  # (S, P)
+    metrics = held_out_metrics(per_prompt[picks].sum(1))  # each (S,)
+    return {key: [float(v.nanquantile(0.025)), float(v.nanquantile(0.975))] for key, v in metrics.items()}
+
+
+EVAL_SEED = 2026
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device, batch_prompts: int = 4) -> dict:
-    """Held-out metrics of SPEC.md step 9, with the training sampling settings."""
-    n_claims = n_supported = n_hallucinated = n_invented = n_responses = 0
-    info, lengths = [], []
+def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device, batch_prompts: int = 8) -> dict:
+    """Held-out metrics of SPEC.md step 9 with 95% bootstrap intervals, at the training sampling settings.
+
+    Sampling draws from its own generator with a fixed seed: every evaluation of every run sees the same
+    random numbers (so the untrained policy scores the same in every run), and evaluating never moves
+    the training run's random stream.
+    """
+    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    per_prompt = []
     for start in range(0, len(items), batch_prompts):
-        batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples, cfg, device)
+        batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples, cfg, device,
+                        generator)
         verdict = judge(verifier, batch, cfg.support_threshold)
-        for item, text, spans, ok, length in zip(batch.items, batch.texts, verdict.claims, verdict.supported,
-                                                  batch.mask.sum(1).tolist()):
-            unsupported = len(ok) - sum(ok)
-            n_claims += len(ok)
-            n_supported += sum(ok)
-            n_hallucinated += unsupported > 0
-            n_invented += any(ungrounded_numbers_and_names(item["context"], text[s:e]) for s, e in spans)
-            n_responses += 1
-            lengths.append(length)
-            score = informativeness(text, item, unsupported)
-            if score is not None:
-                info.append(score)
-    faithfulness = n_supported / n_claims if n_claims else 1.0
-    informative = sum(info) / len(info) if info else float("nan")
-    return {"faithfulness": faithfulness, "informativeness": informative,
-            "q_score": q_score(faithfulness, informative) if info else float("nan"),
-            "hallucination_rate": n_hallucinated / n_responses, "invented_rate": n_invented / n_responses,
-            "response_len": sum(lengths) / len(lengths),
-            "claims_per_response": n_claims / n_responses, "responses": n_responses}
+        lengths = batch.mask.sum(1).tolist()
+        for first in range(0, len(batch.texts), cfg.eval_samples):
+            row = dict.fromkeys(PROMPT_COUNTS, 0.0)
+            for i in range(first, first + cfg.eval_samples):
+                item, text, ok = batch.items[i], batch.texts[i], verdict.supported[i]
+                unsupported = len(ok) - sum(ok)
+                row["responses"] += 1
+                row["claims"] += len(ok)
+                row["supported"] += sum(ok)
+                row["hallucinated"] += unsupported > 0
+                row["invented"] += any(ungrounded_numbers_and_names(item["context"], text[s:e])
+                                       for s, e in verdict.claims[i])
+                row["tokens"] += lengths[i]
+                scores = informativeness(text, item, unsupported)
+                if scores is not None:
+                    row["scored"] += 1
+                    row["f1"] += scores[0]
+                    row["recall"] += scores[1]
+            per_prompt.append([row[key] for key in PROMPT_COUNTS])
+    per_prompt = torch.tensor(per_prompt, dtype=torch.float64)  # (P, K)
+    metrics = {key: float(v) for key, v in held_out_metrics(per_prompt.sum(0)).items()}
+    return {**metrics, "interval": bootstrap_intervals(per_prompt), "prompts": len(per_prompt),
+            "responses": int(per_prompt[:, 0].sum()), "per_prompt": per_prompt.tolist()}  # for paired comparisons
 
 
 # ================================================================================================
 # 10. Report
 # ================================================================================================
 # The held-out metrics of evaluate(), in the order the terminal table and the HTML report show them.
-HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness", "informativeness"), ("Q-score", "q_score"),
+HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness (token F1)", "informativeness"),
+                    ("Q-score", "q_score"), ("key-term recall", "key_term_recall"),
                     ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
                     ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
 COLOURS = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}
@@ -1184,20 +1258,15 @@ def html_response(example: dict, credit: list[float]) -> str:
     return "".join(out)
 
 
-def credit_under_every_mode(example: dict, group_supported: list[list[bool]], group_info: list[float],
-                            lam: float, mu: float) -> dict:
-    """Credit of the group's first response under every mode, all computed from the same labels."""
-    labels = torch.tensor([example["labels"]])
-    mask = torch.ones_like(labels)
-    group_mask = torch.ones(len(group_supported), labels.shape[1])
-    response = response_credit(response_rewards(group_supported), group_mask, len(group_supported))[0]
-    info = informativeness_credit(torch.tensor(group_info), group_mask, len(group_info), mu)[0]
-    balanced = balanced_credit(labels, mask, lam)[0]
-    totals = torch.tensor([lam * any(row) - lam * (not all(row)) for row in group_supported])  # (G,)
-    centred = balanced + group_centring(totals, group_mask, len(group_supported))[0, 0]
-    return {"balanced": balanced.tolist(), "token": token_credit(labels, mask)[0].tolist(),
-            "response": response.tolist(), "balanced-info": (balanced + info).tolist(),
-            "balanced-centred": centred.tolist()}
+def credit_under_every_mode(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, lam: float) -> dict:
+    """Credit of a group's first response under every mode, from the same labels, before matched scaling."""
+    return {mode: assign_credit(mode, labels, mask, rewards, len(rewards), lam)[0].tolist() for mode in CREDIT_MODES}
+
+
+def credit_totals(labels: list[int], credit: list[float]) -> str:
+    """The credit a response carries on its supported, unsupported and neutral tokens: what balancing fixes."""
+    sums = {name: sum(c for l, c in zip(labels, credit) if l == label) for label, name in LABEL_NAMES.items()}
+    return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
 
 
 def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140) -> str:
@@ -1258,7 +1327,7 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
     if evals:
         keys = [key for _, key in HELD_OUT_METRICS]
         head = "".join(f"<th>{html.escape(when)}</th>" for when in evals)
-        rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{evals[w][key]:.3f}</td>" for w in evals) + "</tr>"
+        rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{with_interval(evals[w], key)}</td>" for w in evals) + "</tr>"
                        for key in keys)
         parts.append(f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
     steps = [r["step"] for r in history]
@@ -1277,8 +1346,9 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
                          '<div class="modes">')
             for mode in CREDIT_MODES:
                 marker = " (this run)" if mode == cfg.credit else ""
-                parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b><br>'
-                             f"{html_response(example, credits[mode])}</div>")
+                parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b> '
+                             f'<small class="totals">total credit: {credit_totals(example["labels"], credits[mode])}'
+                             f"</small><br>{html_response(example, credits[mode])}</div>")
             parts.append("</div>")
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(dataclasses.asdict(cfg), indent=2))}</pre>")
     parts.append("</body></html>\n")
@@ -1292,20 +1362,29 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     torch.set_rng_state(state)
     verdict = judge(verifier, batch, cfg.support_threshold)
-    info_all = rollout_informativeness(batch, verdict)
+    rewards = response_rewards(verdict.supported)
     responses = []
     for first in range(0, len(batch.texts), cfg.group_size):
         example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)
-        group = verdict.supported[first:first + cfg.group_size]
-        info = info_all[first:first + cfg.group_size].tolist()
-        responses.append((example, credit_under_every_mode(example, group, info, cfg.lam, cfg.info_weight)))
+        group = slice(first, first + cfg.group_size)
+        credits = credit_under_every_mode(verdict.labels[group], batch.mask[group], rewards[group], cfg.lam)
+        n = len(example["labels"])
+        responses.append((example, {mode: credit[:n] for mode, credit in credits.items()}))
     return {"step": step, "when": when, "responses": responses}
 
 
-def format_table(before: dict, after: dict) -> str:
-    lines = [f"{'held-out metric':<28}{'before':>10}{'after':>10}", "-" * 48]
+def with_interval(metrics: dict, key: str) -> str:
+    low, high = metrics["interval"][key]
+    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]" if key != "response_len" else \
+        f"{metrics[key]:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def format_table(before: dict | None, after: dict) -> str:
+    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
+    lines = [f"{'held-out metric (' + str(after['prompts']) + ' prompts)':<30}{'before':>22}{'after':>22}", "-" * 74]
     for label, key in HELD_OUT_METRICS:
-        lines.append(f"{label:<28}{before[key]:>10.3f}{after[key]:>10.3f}")
+        lines.append(f"{label:<30}{with_interval(before, key) if before else 'not run':>22}"
+                     f"{with_interval(after, key):>22}")
     return "\n".join(lines)
 
 
@@ -1339,9 +1418,9 @@ def run(cfg: Config) -> dict:
     colour = sys.stdout.isatty()
     print(f"policy {cfg.model} on {device}; verifier {verifier.name}; credit {cfg.credit}; "
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
-    before = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+    before = evaluate(policy, tokenizer, verifier, eval_items, cfg, device) if cfg.eval_before else None
     history: list[dict] = []
-    evals = {"before": {**before, "step": 0}}
+    evals = {"before": {**before, "step": 0}} if before else {}
     snapshots: list[dict] = []
     report_items = eval_items[:2]  # fixed prompts for the report, never trained on
     status = "running"
@@ -1356,7 +1435,8 @@ def run(cfg: Config) -> dict:
     log = open(out_dir / "log.jsonl", "w", buffering=1)  # line-buffered: a crash keeps every step
     try:
         log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
-        log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
+        if before:
+            log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
         snapshot(0, "start")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
@@ -1373,9 +1453,7 @@ def run(cfg: Config) -> dict:
             if cfg.show_every and step % cfg.show_every == 0:
                 tqdm.write(f"--- step {step}\n{render_rollout(example, colour)}")
             if cfg.report and step == cfg.steps // 2 and step < cfg.steps:
-                state = torch.get_rng_state()  # the report must not change the training run
                 middle = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
-                torch.set_rng_state(state)
                 evals["middle"] = {**middle, "step": step}
                 log.write(json.dumps({"event": "eval", "when": "middle", "step": step, **middle}) + "\n")
                 snapshot(step, "middle")

@@ -4,8 +4,11 @@ tokenizer are built here, nothing is downloaded.
 
     pytest -q
 """
+import collections
 import copy
 import json
+import random
+import string
 from pathlib import Path
 
 import pytest
@@ -131,55 +134,86 @@ def test_response_rewards_and_group_normalised_credit_by_hand():
     torch.testing.assert_close(credit, expected)
 
 
-def test_informativeness_credit_by_hand_and_its_per_response_total():
-    info = torch.tensor([1.0, 0.0, 0.25, 0.75])
-    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
-    credit = balto.informativeness_credit(info, mask, group_size=2, mu=2.0)
-    a = 0.5 / (0.5 ** 0.5 * 1.0 + 1e-4)  # group (1, 0): mean 0.5, sample std 0.707
-    b = 0.25 / (0.5 ** 0.5 * 0.5 + 1e-4)  # group (0.25, 0.75): mean 0.5, sample std 0.354
-    expected = torch.tensor([[a, a, 0, 0], [-2 * a, 0, 0, 0], [-b / 2, -b / 2, -b / 2, -b / 2], [b, b, 0, 0]])
-    torch.testing.assert_close(credit, expected)
-    torch.testing.assert_close(credit.sum(-1), torch.tensor([2 * a, -2 * a, -2 * b, 2 * b]))  # length-free
-    labels = torch.tensor([[1, -1, 0, 0], [0, 0, 0, 0], [1, 1, 0, -1], [0, 0, 0, 0]])
-    combined = balto.assign_credit("balanced-info", labels, mask, torch.zeros(4), 2, 1.0, info, 2.0)
-    torch.testing.assert_close(combined, balto.balanced_credit(labels, mask, 1.0) + credit)
-
-
-def test_centred_balanced_credit_matches_a_naive_loop_and_sums_to_zero_per_group():
-    g = torch.Generator().manual_seed(1)
-    labels = torch.randint(-1, 2, (8, 9), generator=g)
+def random_group_batch(seed: int, rows: int = 8, width: int = 9):
+    """Labels, a ragged mask and rewards for rows // 4 groups of 4, with an empty and a clean response."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-1, 2, (rows, width), generator=g)
     labels[2] = 0  # a response with no claim
     labels[5] = torch.where(labels[5] == -1, 1, labels[5])  # one fully supported
-    mask = (torch.arange(9)[None] < torch.randint(1, 10, (8, 1), generator=g)).long()
-    balanced = balto.balanced_credit(labels, mask, lam=1.5)
-    credit = balto.assign_credit("balanced-centred", labels, mask, torch.zeros(8), 4, 1.5)
-    expected = balanced.clone()
-    for start in (0, 4):
-        group = range(start, start + 4)
-        baseline = sum(float(balanced[j].sum()) for j in group) / 4
-        for i in group:
-            length = int(mask[i].sum())
-            for t in range(length):
-                expected[i, t] -= baseline / length
-    torch.testing.assert_close(credit, expected)
-    torch.testing.assert_close(credit.view(2, 4, 9).sum((1, 2)), torch.zeros(2))  # zero-sum per group
-    shift = (credit - balanced) * mask  # the same amount on every token of a response
-    for i in range(8):
+    mask = (torch.arange(width)[None] < torch.randint(1, width + 1, (rows, 1), generator=g)).long()
+    rewards = torch.rand(rows, generator=g)
+    return labels * mask, mask, rewards
+
+
+def naive_group_advantage(rewards, group_size, i):
+    group = rewards[i // group_size * group_size:(i // group_size + 1) * group_size].tolist()
+    mean = sum(group) / len(group)
+    std = (sum((r - mean) ** 2 for r in group) / (len(group) - 1)) ** 0.5
+    return (float(rewards[i]) - mean) / (std + 1e-4)
+
+
+def test_fspo_credit_matches_a_naive_loop():
+    labels, mask, rewards = random_group_batch(3)
+    expected = torch.zeros(labels.shape)
+    for i in range(labels.shape[0]):
+        g = naive_group_advantage(rewards, 4, i)
+        for t in range(labels.shape[1]):
+            if mask[i, t]:
+                expected[i, t] = {1: abs(g), -1: -abs(g), 0: g}[int(labels[i, t])]
+    torch.testing.assert_close(balto.assign_credit("fspo", labels, mask, rewards, 4, 2.0), expected)
+
+
+def test_fspo_credit_grows_with_length_unlike_balanced():
+    labels = torch.tensor([[1, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0]])
+    rewards = torch.tensor([1.0, 0.0])
+    short, long = torch.tensor([[1, 1, 0, 0, 0, 0]] * 2), torch.ones(2, 6, dtype=torch.long)
+    fspo = [balto.fspo_credit(labels, m, rewards, 2).sum(-1) for m in (short, long)]
+    assert torch.all(fspo[1].abs() > fspo[0].abs())  # neutral padding adds to FSPO's totals
+    group = [balto.balanced_group_credit(labels, m, rewards, 2, 1.0).sum(-1) for m in (short, long)]
+    torch.testing.assert_close(group[0], group[1])  # but not to BALTO's
+
+
+def test_balanced_group_credit_matches_a_naive_loop():
+    labels, mask, rewards = random_group_batch(4)
+    expected = torch.zeros(labels.shape)
+    for i in range(labels.shape[0]):
+        g = naive_group_advantage(rewards, 4, i)
         n = int(mask[i].sum())
-        torch.testing.assert_close(shift[i, :n], shift[i, :1].expand(n))
-        assert torch.all(shift[i, n:] == 0)
+        n_plus = sum(int(labels[i, t]) == 1 for t in range(n))
+        n_minus = sum(int(labels[i, t]) == -1 for t in range(n))
+        for t in range(n):
+            expected[i, t] = g / n + {1: 1.5 / max(n_plus, 1), -1: -1.5 / max(n_minus, 1), 0: 0.0}[int(labels[i, t])]
+    torch.testing.assert_close(balto.assign_credit("balanced-group", labels, mask, rewards, 4, 1.5), expected)
 
 
-def test_centred_balanced_credit_equals_balanced_when_a_group_agrees():
-    labels = torch.tensor([[1, 1, -1, 0], [1, -1, -1, 0], [0, 0, 0, 0], [-1, 1, 0, 0]])
-    mask = torch.ones(4, 4, dtype=torch.long)  # every row's total is 0: mixed, mixed, empty, mixed
-    credit = balto.assign_credit("balanced-centred", labels, mask, torch.zeros(4), 4, 1.0)
-    torch.testing.assert_close(credit, balto.balanced_credit(labels, mask, 1.0))
-    supported_only = torch.tensor([[1, 1, 0], [1, 0, 0]])  # both fully supported: no push left
-    credit = balto.assign_credit("balanced-centred", supported_only, torch.ones(2, 3, dtype=torch.long),
-                                 torch.zeros(2), 2, 1.0)
-    torch.testing.assert_close(credit.sum(-1), torch.zeros(2))
-    assert credit[0, 0] > credit[0, 2] and credit[1, 0] > credit[1, 1]  # still ranks tokens within one
+def test_balanced_group_credit_total_is_the_group_advantage_plus_minus_lambda():
+    labels, mask, rewards = random_group_batch(5)
+    credit = balto.balanced_group_credit(labels, mask, rewards, 4, 1.5)
+    g = balto.group_advantage(rewards, 4)
+    has_plus = ((labels == 1) & mask.bool()).any(-1).float()
+    has_minus = ((labels == -1) & mask.bool()).any(-1).float()
+    torch.testing.assert_close(credit.sum(-1), g + 1.5 * has_plus - 1.5 * has_minus)
+    padded = balto.balanced_group_credit(torch.cat([labels, torch.zeros_like(labels)], 1),
+                                         torch.cat([mask, torch.ones_like(mask)], 1), rewards, 4, 1.5)
+    torch.testing.assert_close(padded.sum(-1), credit.sum(-1))  # neutral tokens appended: same totals
+
+
+def test_match_scale_makes_the_rms_one_and_keeps_every_ratio():
+    labels, mask, rewards = random_group_batch(6)
+    for mode in balto.CREDIT_MODES:
+        raw = balto.assign_credit(mode, labels, mask, rewards, 4, 2.0)
+        scaled = balto.match_scale(raw, mask)
+        rms = float(((scaled * mask) ** 2).sum() / mask.sum()) ** 0.5
+        assert rms == pytest.approx(1.0), mode
+        nonzero = (raw * mask) != 0
+        ratio = scaled[nonzero] / raw[nonzero]  # one positive scalar for the whole batch
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+        assert float(ratio[0]) > 0 and torch.all(scaled[~nonzero] == 0)
+    # lambda is a pure scale of balanced credit, so matched scale makes it irrelevant there
+    torch.testing.assert_close(balto.match_scale(balto.balanced_credit(labels, mask, 0.5), mask),
+                               balto.match_scale(balto.balanced_credit(labels, mask, 4.0), mask))
+    zeros = torch.zeros(2, 3)
+    assert torch.all(balto.match_scale(zeros, torch.ones(2, 3)) == 0)  # nothing to scale: no nan
 
 
 def test_response_credit_is_zero_for_a_group_with_equal_rewards():
@@ -533,15 +567,85 @@ def test_packaged_minilm_verifier_on_heldout_pairs(tmp_path):
 # ================================================================================================
 # 9. Evaluate
 # ================================================================================================
-def test_informativeness_and_q_score():
+def naive_token_f1(response: str, reference: str) -> float:
+    """SQuAD v1.1's evaluation script, restated."""
+    def normalise(text):
+        text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+        return " ".join(w for w in text.split() if w not in ("a", "an", "the")).split()
+    said, ref = normalise(response), normalise(reference)
+    common = collections.Counter(said) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(said), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_informativeness_is_token_f1_with_key_term_recall_beside_it():
     item = {"question": "Who founded it and where?", "answer": "Claire Duval founded it in Lyon in 1968."}
-    assert balto.informativeness("It was founded in Lyon.", item, 0) == pytest.approx(1 / 4)  # of claire, duval, lyon, 1968
-    assert balto.informativeness("Claire Duval, Lyon, 1968.", item, 0) == 1.0
-    assert balto.informativeness("", item, 0) == 0.0
+    f1, recall = balto.informativeness("It was founded in Lyon.", item, 0)
+    assert recall == pytest.approx(1 / 4)  # of claire, duval, lyon, 1968
+    assert f1 == pytest.approx(naive_token_f1("It was founded in Lyon.", item["answer"]))
+    assert balto.informativeness("Claire Duval, Lyon, 1968.", item, 0)[1] == 1.0
+    assert balto.informativeness("", item, 0) == (0.0, 0.0)
+    assert balto.informativeness("In Lyon.", {"question": "Where and when?", "answer": "Lyon, in 1968."}, 0) == \
+        (pytest.approx(0.8), 0.5)  # the docstring's example
     unanswerable = {"question": "Who built it?", "answer": "The context does not say."}
-    assert balto.informativeness("The context does not mention the builder.", unanswerable, 0) == 1.0
-    assert balto.informativeness("It was built by Tom.", unanswerable, 1) == 0.0
-    assert balto.q_score(1.0, 0.0) == 0.0 and balto.q_score(0.5, 0.5) == pytest.approx(0.5)
+    assert balto.informativeness("The context does not mention the builder.", unanswerable, 0) == (1.0, 1.0)
+    assert balto.informativeness("It was built by Tom.", unanswerable, 1) == (0.0, 0.0)
+    assert balto.informativeness("Anything.", {"question": "q?", "context": "c"}, 0) is None
+
+
+def test_token_f1_penalises_pasting_the_context_where_recall_does_not():
+    item = {"question": "How much profit?", "answer": "1.2 billion euros.",
+            "context": "Northwind Bank reported a net profit of 1.2 billion euros for 2023, up from 950 million euros."}
+    pasted, exact = balto.informativeness(item["context"] * 3, item, 0), balto.informativeness("1.2 billion euros", item, 0)
+    assert pasted[1] == exact[1] == 1.0  # recall cannot tell them apart
+    assert exact[0] == 1.0 and pasted[0] < 0.2
+
+
+def test_token_f1_matches_squads_script_on_random_text():
+    rng = random.Random(0)
+    vocab = ["the", "a", "Lyon", "lyon,", "1968", "in", "It", "was", "Duval.", "an", "founded", "x"]
+    for _ in range(200):
+        response = " ".join(rng.choices(vocab, k=rng.randint(0, 8)))
+        reference = " ".join(rng.choices(vocab, k=rng.randint(1, 8)))
+        if not balto.squad_tokens(reference) or balto.is_abstention(reference):
+            continue
+        got = balto.informativeness(response, {"question": "q", "answer": reference}, 0)[0]
+        assert got == pytest.approx(naive_token_f1(response, reference)), (response, reference)
+
+
+def naive_metrics(rows: list[dict]) -> dict:
+    claims = sum(r["claims"] for r in rows)
+    f = sum(r["supported"] for r in rows) / claims if claims else 1.0
+    i = sum(r["f1"] for r in rows) / sum(r["scored"] for r in rows)
+    return {"faithfulness": f, "informativeness": i, "q_score": 2 * f * i / (f + i) if f + i else 0.0,
+            "hallucination_rate": sum(r["hallucinated"] for r in rows) / sum(r["responses"] for r in rows)}
+
+
+def test_held_out_metrics_and_bootstrap_intervals_against_a_naive_resampler():
+    rng = random.Random(3)
+    rows = []
+    for _ in range(15):
+        n = 4
+        claims = rng.randint(0, 6)
+        rows.append({"responses": n, "claims": claims, "supported": rng.randint(0, claims),
+                     "hallucinated": rng.randint(0, n), "invented": 0, "tokens": rng.randint(4, 200),
+                     "scored": n, "f1": rng.random() * n, "recall": rng.random() * n})
+    table = torch.tensor([[r[k] for k in balto.PROMPT_COUNTS] for r in rows], dtype=torch.float64)
+    metrics = balto.held_out_metrics(table.sum(0))
+    for key, value in naive_metrics(rows).items():
+        assert float(metrics[key]) == pytest.approx(value), key
+    intervals = balto.bootstrap_intervals(table, resamples=4000, seed=1)
+    # the same percentile bootstrap with Python's own resampler: the intervals agree to Monte Carlo error
+    draws = [naive_metrics([rows[rng.randrange(15)] for _ in range(15)]) for _ in range(4000)]
+    for key in ("faithfulness", "informativeness", "q_score", "hallucination_rate"):
+        values = sorted(d[key] for d in draws)
+        low, high = values[100], values[3899]
+        assert intervals[key][0] == pytest.approx(low, abs=0.02) and intervals[key][1] == pytest.approx(high, abs=0.02)
+        assert intervals[key][0] <= float(metrics[key]) <= intervals[key][1]
+    assert balto.bootstrap_intervals(table[:1])["faithfulness"][0] == balto.bootstrap_intervals(table[:1])["faithfulness"][1]
 
 
 def test_render_rollout_marks_labels_without_a_terminal():
@@ -622,7 +726,7 @@ def test_unknown_credit_or_device(capsys, flag, value):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 (got 0)"),
     (["--support-threshold", "2"], "--support-threshold must be between 0 and 1 (got 2.0)"),
     (["--credit", "response", "--group-size", "1"], "--credit response compares the responses of a group"),
-    (["--credit", "balanced-centred", "--group-size", "1"], "--group-size must be at least 2 (got 1)"),
+    (["--credit", "fspo", "--group-size", "1"], "--group-size must be at least 2 (got 1)"),
 ])
 def test_numeric_flags_out_of_range_are_refused(capsys, argv, expected):
     assert expected in run_main_error(argv, capsys)
@@ -723,6 +827,36 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
     assert reloaded.config.n_layer == 2
 
 
+def test_evaluation_has_its_own_seed_and_can_be_skipped_before_training(tiny_dir, tmp_path):
+    first = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path / "a"), *SMOKE])
+    other_seed = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path / "b"), "--seed", "7", *SMOKE])
+    assert first["before"] == other_seed["before"]  # the untrained policy scores the same in every run
+    skipped = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path / "c"), "--no-eval-before", *SMOKE])
+    assert skipped["before"] is None and skipped["after"] == first["after"]  # training never saw the difference
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [r["when"] for r in log if r["event"] == "eval"] == ["after"]
+    for key in ("faithfulness", "q_score", "hallucination_rate"):
+        low, high = first["after"]["interval"][key]
+        assert low <= first["after"][key] <= high
+
+
+def test_matched_scale_is_on_by_default_and_can_be_turned_off(tiny_dir, tmp_path):
+    assert balto.parse_args([]).match_scale and not balto.parse_args(["--no-match-scale"]).match_scale
+    for flag in ("--match-scale", "--no-match-scale"):
+        out = tmp_path / flag
+        balto.main(["--model", str(tiny_dir), "--output-dir", str(out), "--credit", "token", flag, *SMOKE])
+        steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][2:-1]
+        for record in steps:
+            credit = torch.tensor(record["example"]["credit"])
+            labels = torch.tensor(record["example"]["labels"]).float()
+            if flag == "--no-match-scale":  # token credit is the label itself
+                torch.testing.assert_close(credit, labels)
+            elif labels.abs().sum() > 0:  # one positive scalar times the label
+                ratio = credit[labels != 0] / labels[labels != 0]
+                torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-4, rtol=1e-3)
+                assert record["credit_rms"] > 0
+
+
 def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
     real_step, calls = balto.train_step, []
 
@@ -804,28 +938,28 @@ def known_snapshot():
     example = {"id": "t1", "question": "Where & when?", "text": text, "offsets": offsets, "labels": labels,
                "claims": [[0, 11, 0.91, True], [12, 34, 0.12, False]],
                "tokens": [text[s:e] for s, e in offsets]}
-    group = [[True, False], [True], [False], []]
-    return example, balto.credit_under_every_mode(example, group, [0.5, 1.0, 0.0, 0.0], lam=1.0, mu=1.0)
+    labels = torch.cat([torch.tensor([labels]), torch.tensor([[1] * 3 + [0] * 8, [-1] * 5 + [0] * 6, [0] * 11])])
+    rewards = balto.response_rewards([[True, False], [True], [False], []])
+    return example, balto.credit_under_every_mode(labels, torch.ones(4, 11), rewards, lam=1.0)
 
 
-def test_report_credit_of_each_mode_matches_assign_credit_on_the_same_group():
-    example, _ = known_snapshot()
-    group = [[True, False], [True], [True, True], []]  # mixed, supported, supported, no claim: mean total 0.5
-    credits = balto.credit_under_every_mode(example, group, [0.5, 1.0, 0.0, 0.0], lam=1.0, mu=1.0)
-    first = torch.tensor([example["labels"]])  # (1, 11)
-    others = torch.tensor([[1] * 3 + [0] * 8, [1] * 5 + [0] * 6, [0] * 11])
-    labels, mask = torch.cat([first, others]), torch.ones(4, 11, dtype=torch.long)
-    for mode in ("balanced", "balanced-centred", "token"):
-        expected = balto.assign_credit(mode, labels, mask, torch.zeros(4), 4, 1.0)[0]
-        torch.testing.assert_close(torch.tensor(credits[mode]), expected, msg=mode)
+def test_report_credit_of_each_mode_is_the_first_row_of_assign_credit():
+    example, credits = known_snapshot()
+    assert set(credits) == set(balto.CREDIT_MODES)
+    torch.testing.assert_close(torch.tensor(credits["balanced"][:10]), torch.tensor([0.25] * 4 + [-1 / 6] * 6))
+    assert balto.credit_totals(example["labels"], credits["balanced"]) == \
+        "supported +1.000 neutral +0.000 unsupported -1.000"
+    assert balto.credit_totals(example["labels"], credits["token"]) == \
+        "supported +4.000 neutral +0.000 unsupported -6.000"
 
 
 def test_report_shows_every_token_with_colours_that_follow_labels(tmp_path):
     example, credits = known_snapshot()
     history = [{"step": s, "reward": 0.1 * s, "faithfulness": 0.5, "kl": 0.01 * s, "response_len": 20 - s,
                 "supported_tokens": 10 + s, "unsupported_tokens": 10 - s} for s in (1, 2, 3)]
-    evals = {"before": {"faithfulness": 0.5, "informativeness": 0.4, "q_score": 0.44, "hallucination_rate": 0.6,
-                        "invented_rate": 0.2, "response_len": 20.0, "claims_per_response": 1.5, "step": 0}}
+    before = {"faithfulness": 0.5, "informativeness": 0.4, "q_score": 0.44, "key_term_recall": 0.5,
+              "hallucination_rate": 0.6, "invented_rate": 0.2, "response_len": 20.0, "claims_per_response": 1.5}
+    evals = {"before": {**before, "interval": {k: [v - 0.1, v + 0.1] for k, v in before.items()}, "step": 0}}
     path = tmp_path / "r.html"
     balto.write_report(str(path), balto.Config(), history, [{"step": 0, "when": "start",
                                                              "responses": [(example, credits)]}], evals, "running")
@@ -844,6 +978,8 @@ def test_report_shows_every_token_with_colours_that_follow_labels(tmp_path):
         colour = {1: "rgba(22,163,74", -1: "rgba(220,38,38", 0: "rgb(229,231,235)"}[token["label"]]
         assert token["style"].startswith(f"background:{colour}")
     assert 'title="claim: p(supported) = 0.120 (unsupported)"' in page
+    assert "total credit: supported +1.000 neutral +0.000 unsupported -1.000" in page  # balanced's balance
+    assert "0.500 [0.400, 0.600]" in page  # every held-out metric with its interval
 
 
 def test_report_from_a_smoke_run_has_start_middle_and_end(tiny_dir, tmp_path):
