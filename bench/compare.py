@@ -31,7 +31,7 @@ def load(root: Path) -> tuple[dict, dict]:
         name, seed = (match.group(1), int(match.group(2))) if match else (path.parent.name, 0)
         after = json.loads(path.read_text())["after"]
         runs.setdefault(name, {})[seed] = torch.tensor(after["per_prompt"], dtype=torch.float64)
-        out = path.parent.with_suffix(".out")
+        out = path.parent.parent / (path.parent.name + ".out")
         timing = re.findall(r"^([\d.]+) s \d+ KB$", out.read_text(), flags=re.M) if out.exists() else []
         walls.setdefault(name, []).extend(float(t) for t in timing)
     return runs, walls
