@@ -72,7 +72,7 @@ def main(root: str) -> None:
         print(f"{key}:")
         for i, a in enumerate(order):
             for b in order[i + 1:]:
-                if a == "base" or b == "base":
+                if "base" in (a, b) or ("-kl" in a) != ("-kl" in b):  # compare like with like: one KL weight
                     continue
                 diff = draws[a][key] - draws[b][key]
                 low, high = float(diff.nanquantile(0.025)), float(diff.nanquantile(0.975))
