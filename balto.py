@@ -31,7 +31,7 @@ Where each step lives, in the order of the numbered sections below:
  11. main      run, main(argv)
 
 Run it:
-  python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, about 13 min on 2 CPU cores
+  python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, on CPU or GPU
   python balto.py --credit response      # the response-level (GRPO) baseline; also fspo, token, balanced
   python balto.py --model gpt2           # any Hub id, local directory or .gguf file
   pytest -q                              # every math piece against a naive loop or an invariant
@@ -910,9 +910,14 @@ def match_scale(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     about 0.1 per token and GRPO about 1, and a comparison at one KL weight measures the KL strength.
     Example: credit [[3, -4, 9]], mask [[1, 1, 0]] -> [[.849, -1.131, 0]] (RMS of 3 and -4 is 3.536)
     """
-    mask = mask.float()
-    rms = ((credit * mask).pow(2).sum() / mask.sum().clamp(min=1)).sqrt()
+    rms = credit_rms(credit, mask)
     return credit * mask / rms if rms > 0 else credit * mask
+
+
+def credit_rms(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Root mean square of the credit over response tokens: (B, T), (B, T) -> scalar."""
+    mask = mask.float()
+    return ((credit * mask).pow(2).sum() / mask.sum().clamp(min=1)).sqrt()
 
 
 # ================================================================================================
@@ -959,7 +964,7 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     labels = verdict.labels.to(device)
     rewards = response_rewards(verdict.supported).to(device)
     credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)  # (B, R)
-    scale = float((credit.pow(2).sum() / batch.mask.sum()).sqrt())  # the credit's RMS before matching
+    scale = float(credit_rms(credit, batch.mask))  # logged: the credit's RMS before matching
     if cfg.match_scale:
         credit = match_scale(credit, batch.mask)
     rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
