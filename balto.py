@@ -91,7 +91,7 @@ class Config:
     max_new_tokens: int = option(64, "longest response, in tokens")
     lr: float = option(2e-5, "AdamW learning rate")
     clip_eps: float = option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps]")
-    kl_beta: float = option(0.02, "weight of the k3 KL penalty to the frozen reference policy")
+    kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
     lam: float = option(2.0, "lambda: credit each response moves up and down under balanced credit "
                              "(with matched scale it only sets balanced-group's balance-to-group ratio)")
     match_scale: bool = option(True, "divide each batch's credit by its RMS over response tokens, so --lr "
