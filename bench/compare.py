@@ -57,7 +57,8 @@ def main(root: str) -> None:
         low, high = float(sample.nanquantile(0.025)), float(sample.nanquantile(0.975))
         return f"{float(value):.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
-    order = sorted(runs, key=lambda m: -float(point[m]["q_score"]))
+    # the untrained policy first, then each KL weight's runs by mean Q
+    order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -float(point[m]["q_score"])))
     print(f"{prompts} held-out prompts, {RESAMPLES} paired bootstrap resamples; mean over seeds [95% interval]\n")
     print("| run | seeds | Q | faithfulness | informativeness (F1) | key-term recall | hallucination | "
           "invented number/name | tokens | claims | wall (min) |")

@@ -22,6 +22,7 @@ def main(data: str, out: str, runs: list[str]) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     cfg = balto.parse_args([])
     items, device = balto.load_items(data), balto.pick_device(cfg.device)
     verifier = balto.make_verifier(cfg.verifier, device)
