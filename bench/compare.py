@@ -37,21 +37,23 @@ def load(root: Path) -> tuple[dict, dict]:
     return runs, walls
 
 
-def seed_averaged(per_seed: dict, picks: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Mean over seeds of each metric, on the full held-out set (picks None) or on each resample (S, P)."""
-    values = []
-    for table in per_seed.values():
-        counts = table.sum(0) if picks is None else table[picks].sum(1)
-        values.append(balto.held_out_metrics(counts))
-    return {key: torch.stack([v[key] for v in values]).mean(0) for key in KEYS}
+def seed_metrics(per_seed: dict, picks: torch.Tensor | None) -> dict[int, dict[str, torch.Tensor]]:
+    """Each seed's metrics, on the full held-out set (picks None) or on each resample (S, P)."""
+    return {seed: balto.held_out_metrics(table.sum(0) if picks is None else table[picks].sum(1))
+            for seed, table in per_seed.items()}
+
+
+def seed_averaged(by_seed: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([v[key] for v in by_seed.values()]).mean(0) for key in KEYS}
 
 
 def main(root: str) -> None:
     runs, walls = load(Path(root))
     prompts = len(next(iter(next(iter(runs.values())).values())))
     picks = torch.randint(prompts, (RESAMPLES, prompts), generator=torch.Generator().manual_seed(0))
-    point = {m: seed_averaged(s, None) for m, s in runs.items()}
-    draws = {m: seed_averaged(s, picks) for m, s in runs.items()}
+    per_seed_point = {m: seed_metrics(s, None) for m, s in runs.items()}
+    point = {m: seed_averaged(v) for m, v in per_seed_point.items()}
+    draws = {m: seed_averaged(seed_metrics(s, picks)) for m, s in runs.items()}
 
     def cell(value, sample, digits=3):
         low, high = float(sample.nanquantile(0.025)), float(sample.nanquantile(0.975))
@@ -78,8 +80,7 @@ def main(root: str) -> None:
                 diff = draws[a][key] - draws[b][key]
                 low, high = float(diff.nanquantile(0.025)), float(diff.nanquantile(0.975))
                 seeds = sorted(set(runs[a]) & set(runs[b]))
-                per_seed = [float(balto.held_out_metrics(runs[a][s].sum(0))[key] -
-                                  balto.held_out_metrics(runs[b][s].sum(0))[key]) for s in seeds]
+                per_seed = [float(per_seed_point[a][s][key] - per_seed_point[b][s][key]) for s in seeds]
                 same_sign = all(x > 0 for x in per_seed) or all(x < 0 for x in per_seed)
                 outside = (low > 0 or high < 0) and same_sign
                 verdict = ("outside the noise" if outside else "no difference") if len(seeds) >= 3 else \

@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
 
@@ -23,7 +21,7 @@ def main(data: str, out: str, runs: list[str]) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    cfg = balto.parse_args([])
+    cfg = balto.Config()
     items, device = balto.load_items(data), balto.pick_device(cfg.device)
     verifier = balto.make_verifier(cfg.verifier, device)
     for run in runs:
@@ -37,5 +35,4 @@ def main(data: str, out: str, runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
