@@ -174,8 +174,8 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS, before each backward pass and optimizer step.
 
     glibc keeps freed memory in its heap. What the backward pass and AdamW allocate then comes on top of
-    the holes the forward pass left, not from the live set: trimming here lowered the peak of six
-    steps by 0.15 GB, enough to keep the default run under 4 GB, at no measurable cost. A no-op without glibc.
+    the holes the forward pass left, not from the live set: trimming here lowered the peak of six steps
+    by 0.15 GB, enough to keep the default run under 4 GB, at no measurable cost. A no-op without glibc.
     """
     if GLIBC is not None:
         GLIBC.malloc_trim(0)
@@ -357,9 +357,9 @@ def recompute_layers(model):
     """Inside, when grad is on: each decoder layer keeps only its inputs and reruns itself in backward.
 
     For one more forward pass, activations stop deciding the peak: it fell from 4.56 to 3.80 million KiB
-    on the 8-step bench (README "Speed and memory"). The KV caches above never change once written, so a rerun
-    layer reads exactly what it read the first time: log-probs and gradients are bit for bit those of
-    the plain pass (a test).
+    on the 8-step bench (README "Speed and memory"). The KV caches above never change once written, so a
+    rerun layer reads exactly what it read the first time: log-probs and gradients are bit for bit those
+    of the plain pass (a test).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
