@@ -1231,7 +1231,9 @@ def render_rollout(example: dict, colour: bool) -> str:
 
 
 def with_interval(metrics: dict, key: str) -> str:
-    low, high, digits = *metrics["interval"][key], 1 if key == "response_len" else 3
+    """A metric and its 95% interval: three decimals, one for the response length in tokens."""
+    low, high = metrics["interval"][key]
+    digits = 1 if key == "response_len" else 3
     return f"{metrics[key]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
@@ -1261,7 +1263,8 @@ def html_response(example: dict, credit: list[float]) -> str:
             continue
         claim = next((k for k, (cs, ce, _, _) in enumerate(claims) if s < ce and e > cs), None)
         if claim != open_claim:
-            out += ["</span>"] if open_claim is not None else []
+            if open_claim is not None:
+                out.append("</span>")
             out.append(html.escape(text[cursor:s]))
             if claim is not None:
                 verdict = "supported" if claims[claim][3] else "unsupported"
@@ -1274,7 +1277,10 @@ def html_response(example: dict, credit: list[float]) -> str:
                    f'style="background:{credit_colour(value, scale)}" '
                    f'title="{LABEL_NAMES[label]}, credit {value:+.5f}">{html.escape(text[s:e])}</span>')
         cursor = e
-    return "".join(out + ["</span>"] * (open_claim is not None) + [html.escape(text[cursor:])])
+    if open_claim is not None:
+        out.append("</span>")
+    out.append(html.escape(text[cursor:]))
+    return "".join(out)
 
 
 def credit_under_every_mode(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, lam: float) -> dict:
@@ -1293,12 +1299,18 @@ def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, he
     points = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
     if not points:
         return f'<figure class="chart"><figcaption>{html.escape(title)}: no data yet</figcaption></figure>'
-    (x0, y0), (x1, y1) = [min(v) for v in zip(*points)], [max(v) for v in zip(*points)]
-    at = [(pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad),
-           height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad), x, y) for x, y in points]
-    line = " ".join(f"{px:.1f},{py:.1f}" for px, py, _, _ in at)
-    dots = "".join(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2"><title>step {x:g}: {y:.4g}</title></circle>'
-                   for px, py, x, y in at)
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
+
+    def sx(x):
+        return pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+
+    def sy(y):
+        return height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2"><title>step {x:g}: {y:.4g}</title></circle>'
+                   for x, y in points)
     return (f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption>'
             f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" class="frame"/>'
@@ -1355,9 +1367,11 @@ def write_report(path: str, cfg: Config, history: list[dict], snapshots: list[di
         for example, credits in snapshot["responses"]:
             parts.append(f"<h3>{html.escape(example['id'])}: {html.escape(example['question'])}</h3>"
                          '<div class="modes">')
-            parts += [f'<div class="mode" data-mode="{mode}"><b>{mode}{" (this run)" * (mode == cfg.credit)}</b> '
-                      f'<small class="totals">total credit: {credit_totals(example["labels"], credits[mode])}'
-                      f"</small><br>{html_response(example, credits[mode])}</div>" for mode in CREDIT_MODES]
+            for mode in CREDIT_MODES:
+                marker = " (this run)" if mode == cfg.credit else ""
+                parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b> '
+                             f'<small class="totals">total credit: {credit_totals(example["labels"], credits[mode])}'
+                             f"</small><br>{html_response(example, credits[mode])}</div>")
             parts.append("</div>")
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(dataclasses.asdict(cfg), indent=2))}</pre>")
     Path(path).write_text("".join(parts) + "</body></html>\n", encoding="utf-8")
@@ -1370,10 +1384,12 @@ def report_snapshot(policy, tokenizer, verifier, items: list[dict], cfg: Config,
     batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
     torch.set_rng_state(state)
     verdict = judge(verifier, batch, cfg.support_threshold)
-    rewards, responses = response_rewards(verdict.supported), []
+    rewards = response_rewards(verdict.supported)
+    responses = []
     for first in range(0, len(batch.texts), cfg.group_size):
         example = example_record(batch, verdict, torch.zeros_like(batch.mask, dtype=torch.float), first)
-        group, n = slice(first, first + cfg.group_size), len(example["labels"])
+        group = slice(first, first + cfg.group_size)
+        n = len(example["labels"])  # the response's own tokens, without the batch's padding
         credits = credit_under_every_mode(verdict.labels[group], batch.mask[group], rewards[group], cfg.lam)
         responses.append((example, {mode: credit[:n] for mode, credit in credits.items()}))
     return {"step": step, "when": when, "responses": responses}
