@@ -2,8 +2,8 @@
 
 Same model, training prompts (balto's split and prompt template), G = 4 samples for each of 2 prompts
 per step, at most 64 new tokens, temperature 0.7 with no top-k / top-p, KL weight 0.2 (balto.py's default),
-learning rate 2e-5, one update per rollout, no gradient checkpointing (the faster setting for TRL; balto.py
-does recompute its layers in backward); the reward is balto's own claims + MiniLM verifier (share of
+learning rate 2e-5, one update per rollout, no gradient checkpointing (the faster setting for TRL, and
+balto.py uses none either); the reward is balto's own claims + MiniLM verifier (share of
 supported claims). Prints each step's wall time and the median. Run it from the repository root, in a virtual
 environment of its own (README "Speed and memory"): TRL is never a dependency of balto.py.
 

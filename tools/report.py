@@ -1,0 +1,240 @@
+"""The HTML report of a BALTO run, built from what the run wrote: RUN_DIR/log.jsonl.
+
+    python tools/report.py runs/balto        # writes runs/balto/report.html
+
+One self-contained page (no script, no network): the held-out table before and after training, curves
+over the logged steps, and logged rollouts coloured under every credit mode of balto.py. A rollout's
+credit under each mode is recomputed with balto.assign_credit from its logged token labels and its
+group's logged rewards, before matched scaling, so the boxes show what each formula does to the same
+labels: balanced moves +lam and -lam whatever the length, token moves as much as there are tokens.
+Where the log has them, the rollouts shown are mixed responses (a supported and an unsupported
+claim): there the modes differ. Training does not change when a report is wanted, and the log of an
+interrupted run gives a report marked "stopped after step N".
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import balto  # noqa: E402
+
+
+def read_log(run_dir: Path) -> tuple[dict, list[dict], dict[str, dict]]:
+    """(config, step records, evaluations by "before" / "after") from RUN_DIR/log.jsonl."""
+    path = run_dir / "log.jsonl"
+    rows = balto.read_jsonl(str(path), "log")  # errors name the file and the line
+    config, steps, evals = None, [], {}
+    for line_no, row in rows:
+        if row.get("event") == "config":
+            config = row
+        elif row.get("event") == "step":
+            if "rewards" not in row:
+                raise balto.BaltoError(f"{path}:{line_no}: field 'rewards' is missing (a log written "
+                                       "before the report moved to tools/report.py; rerun balto.py)")
+            steps.append(row)
+        elif row.get("event") == "eval":
+            evals[row["when"]] = row
+    if config is None:
+        raise balto.BaltoError(f"{path}:1: no config line (is this a balto.py log?)")
+    return config, steps, evals
+
+
+def credit_under_every_mode(example: dict, rewards: list[float], row: int, group_size: int,
+                            lam: float) -> dict[str, list[float]]:
+    """The credit of logged response `row` under every mode, before matched scaling.
+
+    Only the row's own labels and its group's rewards are needed: every mode's credit of a response
+    depends on its own labels and length and, for the group modes, on its group's rewards r (the
+    other rows' labels are zeros here and their credit is dropped).
+    """
+    first = row - row % group_size  # rows first .. first + G - 1 answer the same prompt
+    labels = torch.zeros(group_size, len(example["labels"]), dtype=torch.long)  # (G, n)
+    labels[row - first] = torch.tensor(example["labels"])
+    mask = torch.ones_like(labels)  # the row's own tokens: the log keeps no padding
+    group = torch.tensor(rewards[first:first + group_size])  # (G,)
+    return {mode: balto.assign_credit(mode, labels, mask, group, group_size, lam)[row - first].tolist()
+            for mode in balto.CREDIT_MODES}
+
+
+def credit_totals(labels: list[int], credit: list[float]) -> str:
+    """The credit a response carries on its supported, unsupported and neutral tokens."""
+    sums = {name: sum(c for l, c in zip(labels, credit) if l == label)
+            for label, name in balto.LABEL_NAMES.items()}
+    return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
+
+
+def chosen_rollouts(steps: list[dict], how_many: int = 4) -> list[tuple[int, int, dict]]:
+    """(step, row, rollout) for up to how_many steps spread over the run: mixed responses where the
+    log has any, else each step's first response."""
+    logged = [(r["step"], r["mixed"]["row"], r["mixed"]) for r in steps if r.get("mixed")]
+    logged = logged or [(r["step"], 0, r["example"]) for r in steps]
+    if len(logged) <= how_many:
+        return logged
+    picks = sorted({round(k * (len(logged) - 1) / (how_many - 1)) for k in range(how_many)})
+    return [logged[k] for k in picks]
+
+
+def credit_colour(value: float, scale: float) -> str:
+    """Diverging scale: green for positive credit, red for negative, grey for exactly zero."""
+    if value == 0 or scale == 0:
+        return "rgb(229,231,235)"
+    r, g, b = (22, 163, 74) if value > 0 else (220, 38, 38)
+    return f"rgba({r},{g},{b},{0.15 + 0.75 * min(1.0, abs(value) / scale):.2f})"
+
+
+def html_response(example: dict, credit: list[float]) -> str:
+    """One response: claims outlined (hover: verifier score), tokens coloured by credit (hover: label,
+    credit)."""
+    text, claims, scale = example["text"], example["claims"], max(map(abs, credit), default=0.0)
+    out, cursor, open_claim = [], 0, None
+    for (s, e), label, value in zip(example["offsets"], example["labels"], credit):
+        if e <= s:
+            continue
+        claim = next((k for k, (cs, ce, _, _) in enumerate(claims) if s < ce and e > cs), None)
+        if claim != open_claim:
+            if open_claim is not None:
+                out.append("</span>")
+            out.append(html.escape(text[cursor:s]))
+            if claim is not None:
+                verdict = "supported" if claims[claim][3] else "unsupported"
+                out.append(f'<span class="claim {verdict}" title="claim: p(supported) = '
+                           f'{claims[claim][2]:.3f} ({verdict})">')
+            open_claim = claim
+        else:
+            out.append(html.escape(text[cursor:s]))
+        out.append(f'<span class="tok" data-label="{label}" data-credit="{value:.5f}" '
+                   f'style="background:{credit_colour(value, scale)}" '
+                   f'title="{balto.LABEL_NAMES[label]}, credit {value:+.5f}">'
+                   f'{html.escape(text[s:e])}</span>')
+        cursor = e
+    if open_claim is not None:
+        out.append("</span>")
+    out.append(html.escape(text[cursor:]))
+    return "".join(out)
+
+
+def svg_curve(title: str, xs: list[float], ys: list[float], width: int = 320, height: int = 140,
+              pad: int = 24) -> str:
+    """A small inline SVG line chart with its min and max labelled."""
+    points = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
+    if not points:
+        return f'<figure class="chart"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
+
+    def sx(x):
+        return pad + (x - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+
+    def sy(y):
+        return height - pad - (y - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2"><title>step {x:g}: {y:.4g}'
+                   f"</title></circle>" for x, y in points)
+    return (f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption>'
+            f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+            f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+            f'class="frame"/><polyline points="{line}" class="line"/>{dots}'
+            f'<text x="2" y="{pad + 4}">{y1:.3g}</text><text x="2" y="{height - pad}">{y0:.3g}</text>'
+            f'<text x="{pad}" y="{height - 6}">step {x0:g}</text>'
+            f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{x1:g}</text></svg></figure>')
+
+
+STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #111827; }
+h1, h2, h3 { line-height: 1.2; } table { border-collapse: collapse; }
+td, th { padding: 2px 10px; text-align: right; } th:first-child, td:first-child { text-align: left; }
+tr:nth-child(even) { background: #f3f4f6; }
+.modes { display: grid; grid-template-columns: repeat(2, 1fr); gap: 12px; }
+.mode { border: 1px solid #d1d5db; border-radius: 6px; padding: 8px; }
+.tok { border-radius: 2px; } .claim { border: 1.5px solid #6b7280; border-radius: 4px; padding: 1px 2px; }
+.claim.unsupported { border-color: #b91c1c; border-style: dashed; } .claim.supported { border-color: #15803d; }
+.charts { display: flex; flex-wrap: wrap; gap: 8px; } .chart { margin: 0; }
+.frame { fill: none; stroke: #d1d5db; } .line { fill: none; stroke: #2563eb; stroke-width: 1.5; }
+svg text { font-size: 10px; fill: #4b5563; } .legend span { padding: 0 6px; margin-right: 6px; }
+pre { background: #f3f4f6; padding: 8px; overflow-x: auto; }
+"""
+LEGEND = (
+    '<p class="legend">Token colour = credit under that formula, before matched scaling: '
+    '<span style="background:rgba(22,163,74,.6)">positive</span><span style="background:'
+    'rgba(220,38,38,.6)">negative</span><span style="background:rgb(229,231,235)">zero</span>. '
+    "Intensity is relative to the largest |credit| in that box. Outlined: a claim (solid green "
+    "supported, dashed red unsupported). Hover a token for its label and credit, a claim for its "
+    "verifier score.</p>")
+CURVES = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfulness"),
+          ("KL (k3)", "kl"), ("response length (tokens)", "response_len"),
+          ("supported tokens", "supported_tokens"), ("unsupported tokens", "unsupported_tokens")]
+
+
+def report(run_dir: Path) -> str:
+    """The whole page as one string."""
+    config, steps, evals = read_log(run_dir)
+    status = "finished" if "after" in evals else f"stopped after step {len(steps)}"
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>BALTO report'
+             f"</title><style>{STYLE}</style></head><body><h1>BALTO run report</h1>"
+             f"<p>Status: <b>{html.escape(status)}</b>. Policy {html.escape(config['model'])}, "
+             f"credit <b>{html.escape(config['credit'])}</b>, {len(steps)} of {config['steps']} "
+             f"steps logged, from {html.escape(str(run_dir / 'log.jsonl'))}.</p>"]
+    parts.append("<h2>Held-out evaluation</h2>")
+    if evals:
+        prompts = next(iter(evals.values()))["prompts"]
+        head = "".join(f"<th>{when}</th>" for when in evals)
+        rows = "".join(f"<tr><td>{html.escape(label.strip())}</td>"
+                       + "".join(f"<td>{balto.with_interval(e, key)}</td>" for e in evals.values())
+                       + "</tr>" for label, key in balto.HELD_OUT_METRICS)
+        parts.append(f"<p>{prompts} prompts; 95% bootstrap intervals over prompts.</p>"
+                     f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
+    else:
+        parts.append("<p>No evaluation logged yet.</p>")
+    step_numbers = [r["step"] for r in steps]
+    parts += ['<h2>Curves over steps</h2><div class="charts">',
+              *(svg_curve(title, step_numbers, [r[key] for r in steps]) for title, key in CURVES),
+              "</div>", "<h2>Logged rollouts under every credit mode</h2>", LEGEND]
+    group_size, lam = config["group_size"], config["lam"]
+    for step, row, example in chosen_rollouts(steps):
+        rewards = next(r["rewards"] for r in steps if r["step"] == step)
+        credits = credit_under_every_mode(example, rewards, row, group_size, lam)
+        first = row - row % group_size
+        group = ", ".join(f"{r:.2f}" for r in rewards[first:first + group_size])
+        parts.append(f"<h3>Step {step}, {html.escape(example['id'])}: "
+                     f"{html.escape(example['question'])}</h3><p>Group rewards r: {group} "
+                     f"(this response: {rewards[row]:.2f}).</p><div class=\"modes\">")
+        for mode in balto.CREDIT_MODES:
+            marker = " (this run)" if mode == config["credit"] else ""
+            parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b> '
+                         f'<small class="totals">total credit: '
+                         f'{credit_totals(example["labels"], credits[mode])}</small><br>'
+                         f"{html_response(example, credits[mode])}</div>")
+        parts.append("</div>")
+    if not steps:
+        parts.append("<p>No step logged yet.</p>")
+    settings = {k: v for k, v in config.items() if k != "event"}
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(settings, indent=2))}</pre>")
+    return "".join(parts) + "</body></html>\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python tools/report.py RUN_DIR   (writes RUN_DIR/report.html)", file=sys.stderr)
+        raise SystemExit(2)
+    run_dir = Path(args[0])
+    try:
+        page = report(run_dir)
+    except balto.BaltoError as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
