@@ -185,7 +185,7 @@ def report(run_dir: Path) -> str:
     if evals:
         prompts = next(iter(evals.values()))["prompts"]
         head = "".join(f"<th>{when}</th>" for when in evals)
-        rows = "".join(f"<tr><td>{html.escape(label.strip())}</td>"
+        rows = "".join(f"<tr><td>{'&emsp;' * label.startswith(' ')}{html.escape(label.strip())}</td>"
                        + "".join(f"<td>{balto.with_interval(e, key)}</td>" for e in evals.values())
                        + "</tr>" for label, key in balto.HELD_OUT_METRICS)
         parts.append(f"<p>{prompts} prompts; 95% bootstrap intervals over prompts.</p>"
