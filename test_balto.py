@@ -962,7 +962,8 @@ def test_matched_scale_is_on_by_default_and_can_be_turned_off(tiny_dir, tmp_path
                 assert record["credit_rms"] > 0
 
 
-def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
+def interrupt_at_step_two(monkeypatch):
+    """Make the second call of train_step raise KeyboardInterrupt, as Ctrl-C would."""
     real_step, calls = balto.train_step, []
 
     def step_then_interrupt(*args, **kwargs):
@@ -972,6 +973,10 @@ def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(balto, "train_step", step_then_interrupt)
+
+
+def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
+    interrupt_at_step_two(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *SMOKE])
     assert exit_info.value.code == 130

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import balto
-from test_balto import SMOKE, tiny_dir  # noqa: F401 (tiny_dir is a fixture)
+from test_balto import SMOKE, interrupt_at_step_two, tiny_dir  # noqa: F401 (tiny_dir: a fixture)
 
 spec = importlib.util.spec_from_file_location("report", Path(__file__).with_name("report.py"))
 report = importlib.util.module_from_spec(spec)
@@ -154,15 +154,7 @@ def test_report_of_a_finished_and_an_interrupted_smoke_run(tiny_dir, tmp_path, m
     assert parse(page).balanced and "Status: <b>finished</b>" in page and "<td>after</td>" not in page
     assert page.count('data-mode="balanced"') >= 1 and "<th>after</th>" in page
 
-    real_step, calls = balto.train_step, []
-
-    def step_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(balto, "train_step", step_then_interrupt)
+    interrupt_at_step_two(monkeypatch)
     with pytest.raises(SystemExit):
         balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path / "cut"), *SMOKE])
     page = report.main([str(tmp_path / "cut")]).read_text()
