@@ -836,14 +836,13 @@ def test_sliding_window_model_scores_each_row_as_a_full_forward_does():
 
 def test_a_prompt_longer_than_the_context_window_is_refused_before_anything_runs(tiny_dir, tmp_path, capsys):
     """GPT-2 style positions end at n_positions: refuse the data (or --max-new-tokens) up front."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    small, tokenizer = tmp_path / "small-window", balto.load_policy(str(tiny_dir))[1]
+    small, tokenizer = tmp_path / "small-window", AutoTokenizer.from_pretrained(tiny_dir)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(small)  # a position past 256 would fail in the embedding
     tokenizer.save_pretrained(small)
-    capsys.readouterr()  # the loading bars so far
     lines = [json.dumps({"context": f"Fact {i}: the bridge has {i} lanes.", "question": "How many?"})
              for i in range(4)]
     lines[2] = json.dumps({"context": "The bridge has 12 lanes. " * 60, "question": "How many lanes?"})

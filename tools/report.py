@@ -69,11 +69,11 @@ def credit_totals(labels: list[int], credit: list[float]) -> str:
     return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
 
 
-def chosen_rollouts(steps: list[dict], how_many: int = 4) -> list[tuple[int, int, dict]]:
-    """(step, row, rollout) for up to how_many steps spread over the run: mixed responses where the
-    log has any, else each step's first response."""
-    logged = [(r["step"], r["mixed"]["row"], r["mixed"]) for r in steps if r.get("mixed")]
-    logged = logged or [(r["step"], 0, r["example"]) for r in steps]
+def chosen_rollouts(steps: list[dict], how_many: int = 4) -> list[tuple[dict, int, dict]]:
+    """(step record, row, rollout) for up to how_many steps spread over the run: mixed responses
+    where the log has any, else each step's first response."""
+    logged = [(r, r["mixed"]["row"], r["mixed"]) for r in steps if r.get("mixed")]
+    logged = logged or [(r, 0, r["example"]) for r in steps]
     if len(logged) <= how_many:
         return logged
     picks = sorted({round(k * (len(logged) - 1) / (how_many - 1)) for k in range(how_many)})
@@ -197,8 +197,8 @@ def report(run_dir: Path) -> str:
               *(svg_curve(title, step_numbers, [r[key] for r in steps]) for title, key in CURVES),
               "</div>", "<h2>Logged rollouts under every credit mode</h2>", LEGEND]
     group_size, lam = config["group_size"], config["lam"]
-    for step, row, example in chosen_rollouts(steps):
-        rewards = next(r["rewards"] for r in steps if r["step"] == step)
+    for record, row, example in chosen_rollouts(steps):
+        step, rewards = record["step"], record["rewards"]
         credits = credit_under_every_mode(example, rewards, row, group_size, lam)
         first = row - row % group_size
         group = ", ".join(f"{r:.2f}" for r in rewards[first:first + group_size])

@@ -136,7 +136,7 @@ def test_mixed_responses_are_shown_where_the_log_has_them(tmp_path):
 
 def test_rollouts_are_spread_over_the_run():
     steps = [{"step": s, "mixed": {**MIXED, "step": s}} for s in range(1, 11)]
-    assert [step for step, _, _ in report.chosen_rollouts(steps)] == [1, 4, 7, 10]
+    assert [record["step"] for record, _, _ in report.chosen_rollouts(steps)] == [1, 4, 7, 10]
 
 
 def test_interrupted_log_and_bad_run_dirs(tmp_path, capsys):
