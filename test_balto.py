@@ -211,6 +211,42 @@ def test_balanced_group_credit_total_is_the_group_advantage_plus_minus_lambda():
     torch.testing.assert_close(padded.sum(-1), credit.sum(-1))  # neutral tokens appended: same totals
 
 
+def test_zero_sum_credit_matches_a_naive_loop():
+    labels, mask, rewards = random_group_batch(7)
+    expected = torch.zeros(labels.shape)
+    for i in range(labels.shape[0]):
+        g = naive_group_advantage(rewards, 4, i)
+        n = int(mask[i].sum())
+        n_plus = sum(int(labels[i, t]) == 1 for t in range(n))
+        n_minus = sum(int(labels[i, t]) == -1 for t in range(n))
+        for t in range(n):
+            transfer = {1: 1.5 / max(n_plus, 1), -1: -1.5 / max(n_minus, 1), 0: 0.0}[int(labels[i, t])]
+            expected[i, t] = g / n + (transfer if n_plus and n_minus else 0.0)
+    torch.testing.assert_close(balto.assign_credit("zero-sum", labels, mask, rewards, 4, 1.5), expected)
+
+
+def test_zero_sum_credit_total_is_the_group_advantage_and_a_mixed_inside_sums_to_zero():
+    labels, mask, rewards = random_group_batch(8)
+    labels[0, :3], mask[0, :3] = torch.tensor([1, -1, 1]), 1  # at least one mixed and one pure row
+    labels[1], labels[2] = labels[1].clamp(min=0), 0
+    credit = balto.zero_sum_credit(labels, mask, rewards, 4, 1.5)
+    g = balto.group_advantage(rewards, 4)
+    torch.testing.assert_close(credit.sum(-1), g)  # GRPO's total, whatever the labels and length
+    length = mask.sum(-1, keepdim=True).float()
+    inside = (credit - g[:, None] / length) * mask  # what is left beyond g_i / L_i
+    mixed = ((labels == 1) & mask.bool()).any(-1) & ((labels == -1) & mask.bool()).any(-1)
+    assert mixed[0] and not mixed[1] and not mixed[2]
+    torch.testing.assert_close(inside.clamp(min=0).sum(-1), 1.5 * mixed.float())  # +lam, -lam inside
+    torch.testing.assert_close(inside.clamp(max=0).sum(-1), -1.5 * mixed.float())
+    assert torch.all(inside[~mixed].abs() < 1e-6)  # one kind of claim: no transfer at all
+    padded = balto.zero_sum_credit(torch.cat([labels, torch.zeros_like(labels)], 1),
+                                   torch.cat([mask, torch.ones_like(mask)], 1), rewards, 4, 1.5)
+    torch.testing.assert_close(padded.sum(-1), credit.sum(-1))  # neutral tokens appended: same totals
+    example = balto.zero_sum_credit(torch.tensor([[1, -1], [1, 0]]), torch.ones(2, 2),
+                                    torch.tensor([0.5, 1.0]), 2, 1.0)  # the docstring's example
+    torch.testing.assert_close(example, torch.tensor([[0.646, -1.354], [0.354, 0.354]]), atol=1e-3, rtol=0)
+
+
 def test_match_scale_makes_the_rms_one_and_keeps_every_ratio():
     labels, mask, rewards = random_group_batch(6)
     for mode in balto.CREDIT_MODES:
@@ -456,6 +492,27 @@ def test_extract_claims_skips_abstentions_and_chit_chat():
     assert balto.extract_claims("I hope this helps.") == []
 
 
+# Rollouts of the kind earlier runs learned (README, Results of v1): the question asked back, the
+# question repeated after "Question:", and talk about the question or the context.
+@pytest.mark.parametrize("text", [
+    "Who introduced the Clean Rivers Act?",
+    "Question: Question: Who introduced the Clean Rivers Act in 1998",
+    "What did the Clean Rivers Act of 1998 require? When did Maria Lopez introduce it?",
+    "The question asks who introduced the Clean Rivers Act.",
+    "The context describes the Clean Rivers Act and its sponsor, Maria Lopez.",
+    "This question is about the 1998 Clean Rivers Act."])
+def test_questions_and_talk_about_the_question_or_context_are_not_claims(text):
+    assert balto.extract_claims(text) == []
+
+
+def test_a_claim_beside_a_question_is_still_a_claim():
+    text = "Who introduced it? Maria Lopez introduced the Clean Rivers Act in 1998."
+    assert [text[s:e] for s, e in balto.extract_claims(text)] == [text[19:]]
+    said = "The context says the act passed in 1998."  # a claim about the world, through the context
+    assert balto.extract_claims(said) == [(0, len(said))]
+    assert balto.extract_claims("Answer: Maria Lopez introduced it.") != []
+
+
 def test_claim_spans_map_to_the_right_tokens(tiny):
     _, tokenizer = tiny
     text = "Lake Baikal is deep. It holds 23 percent of fresh water."
@@ -649,6 +706,30 @@ def test_token_f1_penalises_pasting_the_context_where_recall_does_not():
     assert exact[0] == 1.0 and pasted[0] < 0.2
 
 
+def naive_copied_words(response: str, context: str, n: int) -> int:
+    """A word is copied when some n-word window of the response around it is a phrase of the context."""
+    said = [w.lower() for w in balto.words(response)]
+    seen = " " + " ".join(w.lower() for w in balto.words(context)) + " "
+
+    def copied(s):
+        return s + n <= len(said) and f" {' '.join(said[s:s + n])} " in seen
+    return sum(any(copied(s) for s in range(max(0, i - n + 1), i + 1)) for i in range(len(said)))
+
+
+def test_copy_rate_counts_the_words_inside_copied_runs_of_the_context():
+    context = "The line closed in 1961 after a flood destroyed the Corran bridge near Dunmore."
+    assert balto.copied_words(context, context) == len(balto.words(context))
+    assert balto.copied_words("It closed after a flood destroyed the bridge.", context) == 0  # 5-word runs only
+    pasted = "Sure. The line closed in 1961 after a flood destroyed the Corran bridge. Anything else?"
+    assert balto.copied_words(pasted, context) == 12  # "The line ... Corran bridge", not Sure or the rest
+    rng = random.Random(4)
+    vocab = ["a", "b", "c", "d"]
+    for _ in range(300):  # against a brute force over every window that covers each word
+        response, text = " ".join(rng.choices(vocab, k=rng.randint(0, 12))), " ".join(rng.choices(vocab, k=12))
+        for n in (2, 3, 8):
+            assert balto.copied_words(response, text, n) == naive_copied_words(response, text, n)
+
+
 def test_token_f1_matches_squads_script_on_random_text():
     rng = random.Random(0)
     vocab = ["the", "a", "Lyon", "lyon,", "1968", "in", "It", "was", "Duval.", "an", "founded", "x"]
@@ -677,11 +758,14 @@ def test_held_out_metrics_and_bootstrap_intervals_against_a_naive_resampler():
         claims = rng.randint(0, 6)
         rows.append({"responses": n, "claims": claims, "supported": rng.randint(0, claims),
                      "hallucinated": rng.randint(0, n), "invented": 0, "tokens": rng.randint(4, 200),
-                     "scored": n, "f1": rng.random() * n, "recall": rng.random() * n})
+                     "scored": n, "f1": rng.random() * n, "recall": rng.random() * n,
+                     "words": rng.randint(4, 200), "copied": 0})
+        rows[-1]["copied"] = rng.randint(0, rows[-1]["words"])
     table = torch.tensor([[r[k] for k in balto.PROMPT_COUNTS] for r in rows], dtype=torch.float64)
     metrics = balto.held_out_metrics(table.sum(0))
     for key, value in naive_metrics(rows).items():
         assert float(metrics[key]) == pytest.approx(value), key
+    assert float(metrics["copy_rate"]) == pytest.approx(sum(r["copied"] for r in rows) / sum(r["words"] for r in rows))
     intervals = balto.bootstrap_intervals(table, resamples=4000, seed=1)
     # the same percentile bootstrap with Python's own resampler: the intervals agree to Monte Carlo error
     draws = [naive_metrics([rows[rng.randrange(15)] for _ in range(15)]) for _ in range(4000)]
@@ -901,7 +985,7 @@ def test_help_lists_every_config_field_with_its_text(capsys):
     assert "--no-match-scale" in text and "--no-eval-before" in text
 
 
-SMOKE = ["--verifier", "rules", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+SMOKE = ["--verifier", "rules", "--dtype", "float32", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
          "--max-new-tokens", "8", "--eval-size", "2", "--eval-samples", "2", "--show-every", "1", "--lr", "1e-3"]
 
 
@@ -929,6 +1013,31 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
     assert json.loads((out / "metrics.json").read_text())["config"]["credit"] == credit
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.n_layer == 2
+
+
+def test_bfloat16_samples_from_a_copy_while_float32_weights_learn(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    assert balto.pick_dtype("float32", torch.device("cpu")) == torch.float32
+    assert balto.pick_dtype("auto", torch.device("mps")) == torch.float32  # MPS: float32
+    seen = []
+    real_step = balto.train_step
+
+    def step_and_check(policy, sampler, reference, *args):
+        record = real_step(policy, sampler, reference, *args)
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}  # AdamW's master weights
+        assert {p.dtype for p in sampler.parameters()} == {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+        for (name, p), q in zip(policy.named_parameters(), sampler.parameters()):  # refreshed after the update
+            assert torch.equal(p.detach().to(torch.bfloat16), q), name
+        seen.append(record["kl"])
+        return record
+
+    monkeypatch.setattr(balto, "train_step", step_and_check)
+    smoke = SMOKE[:]
+    smoke[smoke.index("--dtype") + 1] = "bfloat16"
+    metrics = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *smoke])
+    assert len(seen) == 2 and metrics["after"]["responses"] == 4
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.float32  # saved in float32
 
 
 def test_evaluation_has_its_own_seed_and_can_be_skipped_before_training(tiny_dir, tmp_path):
