@@ -26,9 +26,9 @@ Where each step lives, in the order of the numbered sections below:
   4. verify    EncoderVerifier: MiniLM word support + grounding rules -> p(supported)
   5. project   project_labels: claim spans -> token labels +1 / -1 / 0
   6. credit    assign_credit: balanced-group, balanced (BALTO), fspo (published peer), token,
-               response (baselines); match_scale: one batch RMS, so every mode meets the same KL
+               response (baselines); match_scale: one batch RMS, so every mode meets one KL
   7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
-  8. update    train_step: AdamW, gradient clipping, dropout off
+  8. update    train_step: AdamW, gradient clipping, dropout off, bf16 where native
   9. evaluate  evaluate: faithfulness, token-F1 informativeness, Q, hallucination, with intervals
  10. report    render_rollout, format_table (the HTML page: tools/report.py, from log.jsonl)
  11. main      run, main(argv)
@@ -90,9 +90,8 @@ class Config:
     clip_eps: float = option(0.2, "PPO clip range [1 - eps, 1 + eps] of the ratio; it can bind "
                                   "only from the second epoch on (--epochs > 1)")
     kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
-    lam: float = option(2.0, "lambda: the balanced transfer of balanced and balanced-group; "
-                             "matched scale cancels it for balanced and keeps it as "
-                             "balanced-group's balance-to-group ratio")
+    lam: float = option(2.0, "lambda: the balanced transfer; matched scale cancels it for balanced "
+                             "and sets balanced-group's balance-to-group ratio (README: 0.72)")
     match_scale: bool = option(True, "divide each batch's credit by its RMS over response tokens, "
                                      "so --lr and --kl-beta mean the same in every mode")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
@@ -156,10 +155,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16; a CPU whose Linux
     flags list avx512_bf16, amx_bf16 or Arm's bf16), float32 elsewhere (MPS included)."""
     if name == "auto":
-        cpuinfo = Path("/proc/cpuinfo")
-        flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+        flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
-            device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+            device.type == "cpu" and bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
         name = "bfloat16" if native else "float32"
     return getattr(torch, name)
 
@@ -274,10 +272,8 @@ def tokenize_prompts(tokenizer, items: list[dict], **options):
                      add_special_tokens=not has_template, **options)
 
 def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: int, path: str):
-    """Refuse data whose longest prompt plus --max-new-tokens exceeds the policy's positions: past
-    its window a model fails deep in torch (GPT-2's position embedding) or grows until the system
-    kills it. A config with no max_position_embeddings (GPT-2's n_positions is one) is not checked.
-    """
+    """Refuse data whose longest prompt plus --max-new-tokens exceeds the policy's positions (past
+    them a model fails in torch or grows until killed); no max_position_embeddings: not checked."""
     window = getattr(model.config, "max_position_embeddings", None)
     lengths = [len(ids) for ids in tokenize_prompts(tokenizer, items)["input_ids"]]
     longest = max(range(len(items)), key=lengths.__getitem__)
@@ -303,8 +299,7 @@ def forward_with_cache(model, cache=None, **inputs):
 def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
     """Each distinct prompt through the model once: input_ids (N, P) or inputs_embeds (N, P, H) and
     mask (N, P) -> (N, V) logits of each response's first token, and a KV cache of N rows, which
-    the prompt's G responses share (gradients flow through it when grad is on).
-    """
+    the prompt's G responses share (gradients flow through it when grad is on)."""
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts no position
     logits, cache = forward_with_cache(model, attention_mask=prompt_mask, position_ids=position_ids,
                                        logits_to_keep=1, **prompt)
@@ -316,11 +311,10 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """log pi(y_t | x, y_<t) of every response token: prompts (N, P), prompt_of (B,) the prompt row
     of each response row, responses (B, R) -> (B, R).
 
-    The one log-prob function: it scores the rollout (old log-probs), the reference and the update.
-    Each prompt is encoded once; transformers' own cache then gives each response row its prompt's
-    keys and values (batch_select_indices). The last response token predicts nothing and is never
-    fed in. Logits are divided by the sampling temperature: they describe what was sampled. Equal,
-    to float tolerance, to scoring each full [prompt | response] row on its own (a test).
+    The one log-prob function: old log-probs, reference and update. Each prompt is encoded once and
+    transformers' cache gives each response row its prompt's keys and values (batch_select_indices);
+    the last response token is never fed in. Logits are divided by the sampling temperature: they
+    describe what was sampled. Equal, to float tolerance, to scoring each full row alone (a test).
     Example: prompt_ids = [[pad, p1, p2]], prompt_mask = [[0, 1, 1]], prompt_of = [0, 0],
              response_ids = [[y1, y2], [z1, z2]]
              -> [[log pi(y1 | p1 p2), log pi(y2 | p1 p2 y1)],
@@ -358,9 +352,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
     """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, <= max_new).
 
     Rows n*G .. n*G+G-1 answer prompt n and share its cache; one token per step for all rows until
-    every row has emitted EOS (EOS fills a finished row). Plain softmax(logits / temperature), no
-    top-k / top-p, from `generator` if given: what generate draws (a test), without its G passes
-    over each prompt.
+    every row has emitted EOS (EOS fills a finished row). Plain softmax(logits / temperature), from
+    `generator` if given: what generate draws (a test), without its G passes over each prompt.
     """
     logits, cache = encode_prompts(model, prompt_mask, input_ids=prompt_ids)
     cache.batch_repeat_interleave(group_size)
@@ -417,12 +410,9 @@ def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 @torch.no_grad()
 def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
             generator: torch.Generator | None = None) -> Rollout:
-    """Sample group_size responses per item, then re-encode them with character offsets.
-
-    The verifier judges text and the projection needs offsets, so each response is decoded and
-    re-encoded by the fast tokenizer. Training scores those ids (for BPE nearly always the sampled
-    ones); old log-probs are taken on the same ids, so the first epoch's ratio is exactly 1.
-    """
+    """Sample group_size responses per item, then re-encode them with character offsets (the
+    verifier judges text, the projection needs offsets). Training scores those ids (for BPE nearly
+    always the sampled ones)."""
     tokenizer.padding_side = "left"
     enc = tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
     sampled = sample(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
@@ -650,9 +640,9 @@ class EncoderVerifier(RuleVerifier):
     """Small-model verifier: a sentence encoder (all-MiniLM-L6-v2 by default) and grounding rules.
 
     p(supported) is the support of the claim's least-supported content word: 1 when the word (or its
-    stem) is in the context, else its best cosine, among contextual token vectors, to a context
-    token. One new detail ("an instant bestseller") fails a claim; paraphrases ("received" for
-    "won") stay close. The encoder also picks the clause the negation and antonym rules check.
+    stem) is in the context, else its best contextual-token cosine to a context token. One new detail
+    ("an instant bestseller") fails a claim; paraphrases ("received" for "won") stay close. The
+    encoder also picks the clause the negation and antonym rules check.
     """
 
     name = "minilm"
@@ -664,18 +654,15 @@ class EncoderVerifier(RuleVerifier):
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             self.encoder = AutoModel.from_pretrained(str(path)).to(device).eval()
         except (OSError, ValueError) as err:
-            reason = str(err).splitlines()[0]
-            raise BaltoError(f"cannot load verifier encoder from {path} ({reason})") from None
+            raise BaltoError(f"cannot load verifier encoder from {path} ({str(err).splitlines()[0]})") from None
         self.device = device
         self.cache: dict[str, tuple] = {}
 
     @torch.no_grad()
     def encode(self, texts: list[str]):
-        """Unit-normalised token vectors (W, T, H) of W encoder windows, the mask (W, T) of the
-        texts' tokens, their character offsets (W, T, 2), each text's sentence vector (B, H) and
-        the rows of its windows. A text over WINDOW tokens is cut into windows that overlap by
-        OVERLAP (the tokenizer's overflow), so no token is dropped; its vector is their mean.
-        """
+        """Unit token vectors (W, T, H) of W encoder windows, token mask (W, T), character offsets
+        (W, T, 2), each text's sentence vector (B, H) and window rows. A text over WINDOW tokens is
+        cut into windows overlapping by OVERLAP (tokenizer overflow); its vector is their mean."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.WINDOW, stride=self.OVERLAP,
                              return_overflowing_tokens=True, return_offsets_mapping=True)
@@ -784,8 +771,8 @@ def judge_responses(verifier, contexts: list[str], texts: list[str],
     return Judgement(claims, scores, supported, labels)
 
 # ==== 6. Credit =================================================================================
-CREDIT_MODES = ("balanced-group", "zero-sum", "balanced", "fspo", "token", "response")
-GROUP_RELATIVE = ("response", "fspo", "balanced-group", "zero-sum")  # need G >= 2: a group's mean and std
+CREDIT_MODES = ("balanced-group", "balanced", "fspo", "token", "response")
+GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished
 
 def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
@@ -849,37 +836,20 @@ def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: tor
                           group_size: int, lam: float) -> torch.Tensor:
     """BALTO with a group signal (our second reconstruction): balanced + g_i / L_i: (B, T).
 
-    The group advantage is spread evenly over the L_i tokens: response i carries g_i in total,
-    whatever its length, beside the balanced transfer. A response that states nothing checkable
-    now loses to a better one of its group; padding still changes no response's total.
+    The group advantage is spread evenly over the L_i tokens: response i carries g_i in total, beside
+    the balanced transfer. A response that states nothing checkable now loses to a better one of its
+    group; padding still changes no response's total.
     Example: labels [[1, -1], [0, 0]], rewards [0.5, 1], G 2, lam 1
              -> [[.646, -1.354], [.354, .354]]
     """
     length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
     return balanced_credit(labels, mask, lam) + response_credit(rewards, mask, group_size) / length
 
-def zero_sum_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                    group_size: int, lam: float) -> torch.Tensor:
-    """BALTO as a transfer inside each mixed response (our third reconstruction, a hypothesis):
-    the balanced transfer only where a response has both kinds of token, plus g_i / L_i: (B, T).
-
-    Every response's total is exactly g_i, GRPO's; only its inside is rebalanced, so stating more
-    supported claims earns nothing beyond the group advantage (balanced pays +lam for them).
-    Example: labels [[1, -1], [1, 0]], rewards [0.5, 1], G 2, lam 1
-             -> [[.646, -1.354], [.354, .354]]
-    """
-    transfer = balanced_credit(labels, mask, lam)  # (B, T)
-    mixed = (transfer > 0).any(-1, keepdim=True) & (transfer < 0).any(-1, keepdim=True)  # (B, 1)
-    length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
-    return transfer * mixed + response_credit(rewards, mask, group_size) / length
-
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                   group_size: int, lam: float) -> torch.Tensor:
     """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T)."""
     if mode == "balanced-group":
         return balanced_group_credit(labels, mask, rewards, group_size, lam)
-    if mode == "zero-sum":
-        return zero_sum_credit(labels, mask, rewards, group_size, lam)
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
     if mode == "fspo":
@@ -912,10 +882,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     """Clipped surrogate plus beta * k3 KL, summed over response tokens / number of response tokens.
 
     All inputs (B, T). n_tokens is the whole batch's token count, counted once (pass it for a
-    micro-batch, so the parts add up to the batch loss exactly): one constant for every response,
-    so a response pulls with the sum of its credit, which balanced credit fixes at +lam / -lam. A
-    per-response mean would divide by each length and bring the length bias back. The clip never
-    binds at the default --epochs 1: old log-probs are the first epoch's own, so the ratio is 1.
+    micro-batch: the parts add up to the batch loss). One constant for every response, so a response
+    pulls with the sum of its credit (+lam / -lam under balanced); a per-response mean would bring
+    the length bias back. At --epochs 1 the ratio is 1 and the clip never binds.
     Example: with logp == old_logp == ref_logp, loss = -sum(credit * mask) / sum(mask) and kl = 0.
     """
     mask = mask.float()
@@ -937,10 +906,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 def train_step(policy, sampler, reference, optimizer, tokenizer, verifier, items: list[dict],
                cfg: Config, device) -> dict:
     """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch.
-
-    sampler is the policy itself (float32) or its bfloat16 copy, refreshed after each update; the
-    update then runs under bf16 autocast, on the float32 weights that AdamW keeps.
-    """
+    sampler is the policy (float32) or its bfloat16 copy, refreshed after each update; the update
+    then runs under bf16 autocast on the float32 weights that AdamW keeps."""
     t0 = time.perf_counter()
     batch = rollout(sampler, tokenizer, items, cfg.group_size, cfg, device)
     t1 = time.perf_counter()
@@ -983,9 +950,7 @@ def train_step(policy, sampler, reference, optimizer, tokenizer, verifier, items
     n_supported = sum(sum(row) for row in verdict.supported)
     return {"reward": float(rewards.mean()), "credit_rms": scale, "claims": n_claims,
             "faithfulness": n_supported / n_claims if n_claims else 1.0,
-            "supported_tokens": int(((labels == SUPPORTED) & mask).sum()),
-            "unsupported_tokens": int(((labels == UNSUPPORTED) & mask).sum()),
-            "neutral_tokens": int(((labels == NEUTRAL) & mask).sum()),
+            **{f"{name}_tokens": int(((labels == label) & mask).sum()) for label, name in LABEL_NAMES.items()},
             "kl": stats["kl"], "clipfrac": stats["clipfrac"], "loss": loss,
             "response_len": float(batch.mask.sum(1).float().mean()),
             "truncated": 1 - sum(batch.finished) / len(batch.finished),  # cut at max_new_tokens
@@ -1049,22 +1014,16 @@ def copied_words(response: str, context: str, n: int = 8) -> int:
     """
     said, seen = [w.lower() for w in words(response)], [w.lower() for w in words(context)]
     runs = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
-    inside = [False] * len(said)
-    for i in range(len(said) - n + 1):
-        if tuple(said[i:i + n]) in runs:
-            inside[i:i + n] = [True] * n
-    return sum(inside)
+    starts = [i for i in range(len(said) - n + 1) if tuple(said[i:i + n]) in runs]
+    return len({t for i in starts for t in range(i, i + n)})
 
 # Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens", "scored",
                  "f1", "recall", "words", "copied")
 
 def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of SPEC.md step 9 from summed per-prompt counts: (..., K) -> each (...).
-
-    Micro averages: faithfulness is supported claims / all claims over every response, not a mean
-    of per-response shares, so a response with many claims weighs more.
-    """
+    """Metrics of SPEC.md step 9 from summed per-prompt counts: (..., K) -> each (...). Micro
+    averages: faithfulness is supported / all claims over every response (many claims weigh more)."""
     c = dict(zip(PROMPT_COUNTS, counts.double().unbind(-1)))
     faithfulness = torch.where(c["claims"] > 0, c["supported"] / c["claims"].clamp(min=1), 1.0)
     informative = c["f1"] / c["scored"]  # nan when no prompt has a reference answer
@@ -1092,10 +1051,8 @@ EVAL_SEED = 2026
 def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device,
              batch_prompts: int = 8) -> dict:
     """Held-out metrics of SPEC.md step 9 with 95% bootstrap intervals, sampled as in training.
-
-    Its own generator with a fixed seed: every evaluation of every run draws the same numbers (the
-    untrained policy scores the same in every run) and never moves the training run's stream.
-    """
+    Its own generator, fixed seed: every evaluation of every run draws the same numbers (the
+    untrained policy scores the same in every run), and the training stream never moves."""
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     per_prompt = []
     for start in range(0, len(items), batch_prompts):
@@ -1104,25 +1061,19 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
         verdict = judge(verifier, batch, cfg.support_threshold)
         lengths = batch.mask.sum(1).tolist()
         for first in range(0, len(batch.texts), cfg.eval_samples):
-            row = dict.fromkeys(PROMPT_COUNTS, 0.0)
+            row = Counter()  # the prompt's sums over its samples
             for i in range(first, first + cfg.eval_samples):
                 item, text, ok = batch.items[i], batch.texts[i], verdict.supported[i]
                 unsupported = len(ok) - sum(ok)
-                row["responses"] += 1
-                row["claims"] += len(ok)
-                row["supported"] += sum(ok)
-                row["hallucinated"] += unsupported > 0
-                row["invented"] += any(ungrounded_numbers_and_names(item["context"], text[s:e])
-                                       for s, e in verdict.claims[i])
-                row["tokens"] += lengths[i]
-                row["words"] += len(words(text))
-                row["copied"] += copied_words(text, item["context"])
+                row.update({"responses": 1, "tokens": lengths[i], "words": len(words(text)),
+                            "claims": len(ok), "supported": sum(ok), "hallucinated": unsupported > 0,
+                            "invented": any(ungrounded_numbers_and_names(item["context"], text[s:e])
+                                            for s, e in verdict.claims[i]),
+                            "copied": copied_words(text, item["context"])})
                 scores = informativeness(text, item, unsupported)
                 if scores is not None:
-                    row["scored"] += 1
-                    row["f1"] += scores[0]
-                    row["recall"] += scores[1]
-            per_prompt.append([row[key] for key in PROMPT_COUNTS])
+                    row.update({"scored": 1, "f1": scores[0], "recall": scores[1]})
+            per_prompt.append([float(row[key]) for key in PROMPT_COUNTS])
     per_prompt = torch.tensor(per_prompt, dtype=torch.float64)  # (P, K)
     metrics = {key: float(v) for key, v in held_out_metrics(per_prompt.sum(0)).items()}
     return {**metrics, "interval": bootstrap_intervals(per_prompt), "prompts": len(per_prompt),
@@ -1200,7 +1151,6 @@ def run(cfg: Config) -> dict:
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colour = sys.stdout.isatty()
     print(f"policy {cfg.model} on {device} ({str(dtype)[6:]}); verifier {verifier.name}; credit {cfg.credit}; "
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
@@ -1223,7 +1173,7 @@ def run(cfg: Config) -> dict:
             bar.set_postfix(reward=f"{record['reward']:.2f}", faith=f"{record['faithfulness']:.2f}",
                             kl=f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
             if cfg.show_every and step % cfg.show_every == 0:
-                tqdm.write(f"--- step {step}\n{render_rollout(record['example'], colour)}")
+                tqdm.write(f"--- step {step}\n{render_rollout(record['example'], sys.stdout.isatty())}")
         after = evaluate(sampler, tokenizer, verifier, eval_items, cfg, device)
         log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
 

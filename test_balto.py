@@ -211,42 +211,6 @@ def test_balanced_group_credit_total_is_the_group_advantage_plus_minus_lambda():
     torch.testing.assert_close(padded.sum(-1), credit.sum(-1))  # neutral tokens appended: same totals
 
 
-def test_zero_sum_credit_matches_a_naive_loop():
-    labels, mask, rewards = random_group_batch(7)
-    expected = torch.zeros(labels.shape)
-    for i in range(labels.shape[0]):
-        g = naive_group_advantage(rewards, 4, i)
-        n = int(mask[i].sum())
-        n_plus = sum(int(labels[i, t]) == 1 for t in range(n))
-        n_minus = sum(int(labels[i, t]) == -1 for t in range(n))
-        for t in range(n):
-            transfer = {1: 1.5 / max(n_plus, 1), -1: -1.5 / max(n_minus, 1), 0: 0.0}[int(labels[i, t])]
-            expected[i, t] = g / n + (transfer if n_plus and n_minus else 0.0)
-    torch.testing.assert_close(balto.assign_credit("zero-sum", labels, mask, rewards, 4, 1.5), expected)
-
-
-def test_zero_sum_credit_total_is_the_group_advantage_and_a_mixed_inside_sums_to_zero():
-    labels, mask, rewards = random_group_batch(8)
-    labels[0, :3], mask[0, :3] = torch.tensor([1, -1, 1]), 1  # at least one mixed and one pure row
-    labels[1], labels[2] = labels[1].clamp(min=0), 0
-    credit = balto.zero_sum_credit(labels, mask, rewards, 4, 1.5)
-    g = balto.group_advantage(rewards, 4)
-    torch.testing.assert_close(credit.sum(-1), g)  # GRPO's total, whatever the labels and length
-    length = mask.sum(-1, keepdim=True).float()
-    inside = (credit - g[:, None] / length) * mask  # what is left beyond g_i / L_i
-    mixed = ((labels == 1) & mask.bool()).any(-1) & ((labels == -1) & mask.bool()).any(-1)
-    assert mixed[0] and not mixed[1] and not mixed[2]
-    torch.testing.assert_close(inside.clamp(min=0).sum(-1), 1.5 * mixed.float())  # +lam, -lam inside
-    torch.testing.assert_close(inside.clamp(max=0).sum(-1), -1.5 * mixed.float())
-    assert torch.all(inside[~mixed].abs() < 1e-6)  # one kind of claim: no transfer at all
-    padded = balto.zero_sum_credit(torch.cat([labels, torch.zeros_like(labels)], 1),
-                                   torch.cat([mask, torch.ones_like(mask)], 1), rewards, 4, 1.5)
-    torch.testing.assert_close(padded.sum(-1), credit.sum(-1))  # neutral tokens appended: same totals
-    example = balto.zero_sum_credit(torch.tensor([[1, -1], [1, 0]]), torch.ones(2, 2),
-                                    torch.tensor([0.5, 1.0]), 2, 1.0)  # the docstring's example
-    torch.testing.assert_close(example, torch.tensor([[0.646, -1.354], [0.354, 0.354]]), atol=1e-3, rtol=0)
-
-
 def test_match_scale_makes_the_rms_one_and_keeps_every_ratio():
     labels, mask, rewards = random_group_batch(6)
     for mode in balto.CREDIT_MODES:
@@ -511,6 +475,26 @@ def test_a_claim_beside_a_question_is_still_a_claim():
     said = "The context says the act passed in 1998."  # a claim about the world, through the context
     assert balto.extract_claims(said) == [(0, len(said))]
     assert balto.extract_claims("Answer: Maria Lopez introduced it.") != []
+
+
+# Real rollouts, verbatim, from the logs of v2's comparison (bench/results/v2/RUN/log.jsonl.gz, the step
+# in the comment): questions asked back and talk about the question, beside the claims they come with.
+@pytest.mark.parametrize("text, claims", [
+    ("When do Tallis Logistics' first electric trucks arrive?", []),  # fspo-s1, step 14
+    ("The question is about Tallis Logistics' decision to implement electric vehicles in 2025.",
+     []),  # response-s1, step 14
+    ("The printing press of Johannes Gutenberg was working in Mainz by about 1450. The Bible was "
+     "finished in 1455. Each page had 42 lines.\nQuestion: How many copies of the Gutenberg Bible are "
+     "known to survive?", ["The printing press of Johannes Gutenberg was working in Mainz by about 1450.",
+                           "The Bible was finished in 1455.", "Each page had 42 lines."]),  # balanced-s0, 48
+    ("The question asks what share of early-stage pancreatic cancers detected by Oncoscan was false. The "
+     "answer is the correct information, but the most relevant information is that the false alarm was 2 "
+     "percent of healthy people. The correct answer is: The false alarm was 2%.",
+     ["The answer is the correct information, but the most relevant information is that the false alarm "
+      "was 2 percent of healthy people.", "The correct answer is: The false alarm was 2%."]),  # b.-group-s0, 5
+    ("A: The European Space Agency (ESA)\nWhat is it?", ["A: The European Space Agency (ESA)"])])  # zero-sum-s1, 13
+def test_real_rollouts_keep_their_claims_and_drop_their_questions(text, claims):
+    assert [text[s:e] for s, e in balto.extract_claims(text)] == claims
 
 
 def test_claim_spans_map_to_the_right_tokens(tiny):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
 
 KEYS = ["q_score", "faithfulness", "informativeness", "key_term_recall", "hallucination_rate", "invented_rate",
-        "response_len", "claims_per_response"]
+        "response_len", "claims_per_response", "copy_rate"]
 RESAMPLES = 2000
 
 
@@ -63,13 +63,15 @@ def main(root: str) -> None:
     order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -float(point[m]["q_score"])))
     print(f"{prompts} held-out prompts, {RESAMPLES} paired bootstrap resamples; mean over seeds [95% interval]\n")
     print("| run | seeds | Q | faithfulness | informativeness (F1) | key-term recall | hallucination | "
-          "invented number/name | tokens | claims | wall (min) |")
-    print("| --- " * 11 + "|")
+          "invented number/name | tokens | claims | copy rate | Q per seed (SD) | wall (min) |")
+    print("| --- " * 13 + "|")
     for m in order:
         p, d = point[m], draws[m]
         wall = f"{sum(walls[m]) / len(walls[m]) / 60:.1f}" if walls.get(m) else ""
+        q = torch.stack([v["q_score"] for v in per_seed_point[m].values()])  # the seed spread: stability
+        spread = ", ".join(f"{float(v):.3f}" for v in q) + (f" ({float(q.std()):.3f})" if len(q) > 1 else "")
         print(f"| {'untrained' if m == 'base' else m} | {len(runs[m])} | " + " | ".join(
-            cell(p[k], d[k], 1 if k == "response_len" else 3) for k in KEYS) + f" | {wall} |")
+            cell(p[k], d[k], 1 if k == "response_len" else 3) for k in KEYS) + f" | {spread} | {wall} |")
     print("\nPaired differences (row minus column's mode), seed-averaged, with the per-seed differences:\n")
     for key in ("q_score", "hallucination_rate", "informativeness"):
         print(f"{key}:")

@@ -1,12 +1,13 @@
-"""lambda of balanced-group and zero-sum, by README's rule 3: neither part of their credit dominates.
+"""lambda of balanced-group, by README's rule 3: neither part of its credit dominates.
 
     python bench/lam.py bench/dev.jsonl
 
 On prompts the comparison does not report, the untrained policy's G samples per prompt (default
-sampling, seed 0) are judged as in training. Both modes are a transfer part (lam / N+- on labelled
-tokens; zero-sum's only in mixed responses) plus the group part g_i / L_i; the transfer part is
-proportional to lambda, so lambda = RMS(group part) / RMS(transfer part at lambda 1), the RMS over
-every response token, as matched scale takes it. Printed to two significant digits.
+sampling, seed 0) are judged as in training. balanced-group is a transfer part (lam / N+- on labelled
+tokens) plus the group part g_i / L_i; the transfer part is proportional to lambda, so lambda =
+RMS(group part) / RMS(transfer part at lambda 1), the RMS over every response token, as matched scale
+takes it. Printed to two significant digits. (Rule 3 also gave zero-sum, removed by the rule after its
+runs, lambda 1.6: this script at commit b8bccb0.)
 """
 from __future__ import annotations
 
@@ -34,19 +35,18 @@ def main(data: str) -> None:
     sampler = policy if dtype == torch.float32 else policy.to(dtype)
     verifier = balto.make_verifier(cfg.verifier, device)
     items = balto.load_items(data)
-    squares = {"group": 0.0, "balanced-group": 0.0, "zero-sum": 0.0}
+    squares = {"group": 0.0, "balanced-group": 0.0}
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
         verdict = balto.judge(verifier, batch, cfg.support_threshold)
         rewards = balto.response_rewards(verdict.supported)
         labels, mask = verdict.labels.to(device), batch.mask
-        group = balto.zero_sum_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i alone
+        group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
         parts = {"group": group,
-                 "balanced-group": balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 1.0) - group,
-                 "zero-sum": balto.zero_sum_credit(labels, mask, rewards, cfg.group_size, 1.0) - group}
+                 "balanced-group": balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 1.0) - group}
         for name, part in parts.items():
             squares[name] += float((part * mask).pow(2).sum())
-    for mode in ("balanced-group", "zero-sum"):
+    for mode in ("balanced-group",):
         lam = math.sqrt(squares["group"] / squares[mode])
         print(f"{mode}: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; {len(items)} prompts x {cfg.group_size})")
 

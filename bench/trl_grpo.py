@@ -2,12 +2,14 @@
 
 Same model, training prompts (balto's split and prompt template), G = 4 samples for each of 2 prompts
 per step, at most 64 new tokens, temperature 0.7 with no top-k / top-p, KL weight 0.2 (balto.py's default),
-learning rate 2e-5, one update per rollout, no gradient checkpointing (the faster setting for TRL, and
-balto.py uses none either); the reward is balto's own claims + MiniLM verifier (share of
-supported claims). Prints each step's wall time and the median. Run it from the repository root, in a virtual
-environment of its own (README "Speed and memory"): TRL is never a dependency of balto.py.
+learning rate 2e-5, one update per rollout, gradient checkpointing and bf16 as asked; the reward is
+balto's own claims + MiniLM verifier (share of supported claims). Prints each step's wall time and
+the median. Run it from the repository root, in a virtual environment of its own (README "Speed and
+memory"): TRL is never a dependency of balto.py.
 
-    python bench/trl_grpo.py runs/smollm2-f32
+    python bench/trl_grpo.py runs/smollm2-f32 [--bf16] [--gradient-checkpointing]
+
+--bf16 is TRL's (the Trainer's) mixed precision: bfloat16 autocast on float32 master weights.
 """
 import statistics
 import sys
@@ -51,8 +53,8 @@ class StepTimer(TrainerCallback):
 config = GRPOConfig(output_dir="runs/trl-bench", max_steps=8, per_device_train_batch_size=8, num_generations=4,
                     gradient_accumulation_steps=1, max_completion_length=64, temperature=0.7, top_p=1.0, top_k=0,
                     beta=0.2, learning_rate=2e-5, num_iterations=1, logging_steps=1, report_to="none",
-                    save_strategy="no", use_cpu=True, bf16=False, seed=0,
-                    gradient_checkpointing=False)  # TRL's default is on; off is its faster setting
+                    save_strategy="no", use_cpu=True, bf16="--bf16" in sys.argv, seed=0,
+                    gradient_checkpointing="--gradient-checkpointing" in sys.argv)  # TRL's default: on
 timer = StepTimer()
 GRPOTrainer(model=model_dir, reward_funcs=supported_share, args=config, train_dataset=prompts,
             processing_class=tokenizer, callbacks=[timer]).train()
