@@ -155,9 +155,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16; a CPU whose Linux
     flags list avx512_bf16, amx_bf16 or Arm's bf16), float32 elsewhere (MPS included)."""
     if name == "auto":
-        flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
-            device.type == "cpu" and bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+            device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
         name = "bfloat16" if native else "float32"
     return getattr(torch, name)
 

@@ -35,21 +35,18 @@ def main(data: str) -> None:
     sampler = policy if dtype == torch.float32 else policy.to(dtype)
     verifier = balto.make_verifier(cfg.verifier, device)
     items = balto.load_items(data)
-    squares = {"group": 0.0, "balanced-group": 0.0}
+    group_sq = transfer_sq = 0.0  # sums of squares over response tokens
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
         verdict = balto.judge(verifier, batch, cfg.support_threshold)
         rewards = balto.response_rewards(verdict.supported)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
-        parts = {"group": group,
-                 "balanced-group": balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 1.0) - group}
-        for name, part in parts.items():
-            squares[name] += float((part * mask).pow(2).sum())
-    for mode in ("balanced-group",):
-        lam = math.sqrt(squares["group"] / squares[mode])
-        print(f"{mode}: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; {len(items)} prompts x {cfg.group_size})")
-
+        transfer = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 1.0) - group
+        group_sq += float((group * mask).pow(2).sum())
+        transfer_sq += float((transfer * mask).pow(2).sum())
+    lam = math.sqrt(group_sq / transfer_sq)
+    print(f"balanced-group: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; {len(items)} prompts x {cfg.group_size})")
 
 if __name__ == "__main__":
     main(sys.argv[1])
