@@ -16,7 +16,8 @@ _, tokenizer = balto.load_policy("smollm2")
 items = balto.load_items("data_sample.jsonl")
 for i, item in enumerate(items[:80]):
     context, j = item["context"], i + 1
-    while len(tokenizer(balto.build_prompt(tokenizer, {**item, "context": context}))["input_ids"]) < target:
+    # counted as training tokenizes prompts (and as the window check counts them)
+    while len(balto.tokenize_prompts(tokenizer, [{**item, "context": context}])["input_ids"][0]) < target:
         context = items[j % len(items)]["context"] + " " + context
         j += 1
     print(json.dumps({"id": item["id"], "context": context, "question": item["question"],
