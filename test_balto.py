@@ -79,16 +79,6 @@ def tiny_batch(tokenizer, n_prompt=5, n_response=6, batch=3, seed=0):
     return prompt_ids, prompt_mask, torch.arange(batch), response_ids, torch.ones_like(response_ids)
 
 
-def naive_logprobs(model, prompt_ids, prompt_mask, prompt_of, response_ids, response_mask, temperature):
-    """The unshared computation: every row's whole [prompt | response] sequence through the model on its own."""
-    ids = torch.cat([prompt_ids[prompt_of], response_ids], 1)  # (B, P + R)
-    attention = torch.cat([prompt_mask[prompt_of], response_mask], 1)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    n = response_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, -n - 1:-1]
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, response_ids[..., None]).squeeze(-1)
-
-
 # ================================================================================================
 # 6. Credit
 # ================================================================================================
@@ -293,17 +283,18 @@ def test_kl_is_zero_and_ratio_one_when_policy_equals_reference(tiny):
     torch.testing.assert_close(loss, -(credit * mask).sum() / mask.sum())
 
 
-def test_token_logprobs_matches_a_full_forward_and_respects_left_padding(tiny):
+@pytest.mark.parametrize("logprobs", [balto.token_logprobs, balto.shared_prompt_logprobs])
+def test_token_logprobs_matches_a_full_forward_and_respects_left_padding(tiny, logprobs):
     model, tokenizer = tiny
     prompt_ids, prompt_mask, prompt_of, response_ids, response_mask = tiny_batch(tokenizer)
-    logp = balto.token_logprobs(model, prompt_ids, prompt_mask, prompt_of, response_ids, response_mask, 0.5)
+    logp = logprobs(model, prompt_ids, prompt_mask, prompt_of, response_ids, response_mask, 0.5)
     # row 1 has no padding: compare with a plain forward over the whole sequence
     logits = model(torch.cat([prompt_ids[1:2], response_ids[1:2]], 1)).logits[0, -7:-1] / 0.5
     expected = torch.log_softmax(logits, -1).gather(-1, response_ids[1, :, None]).squeeze(-1)
     torch.testing.assert_close(logp[1], expected)
     # row 0 is left-padded by 2: it must equal the same tokens without the padding
-    unpadded = balto.token_logprobs(model, prompt_ids[0:1, 2:], prompt_mask[0:1, 2:], prompt_of[:1],
-                                    response_ids[:1], response_mask[:1], 0.5)
+    unpadded = logprobs(model, prompt_ids[0:1, 2:], prompt_mask[0:1, 2:], prompt_of[:1],
+                        response_ids[:1], response_mask[:1], 0.5)
     torch.testing.assert_close(logp[0], unpadded[0], atol=1e-5, rtol=1e-4)
 
 
@@ -343,8 +334,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_unshared_computation(tin
             rows.append(logp.detach())
         return torch.cat(rows), [p.grad.clone() for p in policy.parameters()]
 
-    shared, shared_grads = logprobs_and_gradient(balto.token_logprobs)
-    naive, naive_grads = logprobs_and_gradient(naive_logprobs)
+    shared, shared_grads = logprobs_and_gradient(balto.shared_prompt_logprobs)
+    naive, naive_grads = logprobs_and_gradient(balto.token_logprobs)
     kept = response_mask.bool()
     torch.testing.assert_close(shared[kept], naive[kept], **SHARED_TOLERANCE)
     assert all(g.abs().sum() > 0 for g in naive_grads[:4])  # the check below compares real gradients
@@ -894,7 +885,7 @@ def test_sliding_window_model_scores_each_row_as_a_full_forward_does():
     g = torch.Generator().manual_seed(1)
     prompt_ids, response_ids = torch.randint(1, 50, (2, 7), generator=g), torch.randint(1, 50, (4, 6), generator=g)
     prompt_of = torch.tensor([0, 0, 1, 1])
-    logp = balto.token_logprobs(model, prompt_ids, torch.ones_like(prompt_ids), prompt_of, response_ids,
+    logp = balto.shared_prompt_logprobs(model, prompt_ids, torch.ones_like(prompt_ids), prompt_of, response_ids,
                                 torch.ones_like(response_ids), 1.0)
     for b in range(4):  # the window (4) is shorter than the prompt (7): old keys must drop out
         logits = model(torch.cat([prompt_ids[prompt_of[b]], response_ids[b]])[None]).logits[0, 6:-1]
@@ -1007,14 +998,16 @@ def test_bfloat16_samples_from_a_copy_while_float32_weights_learn(tiny_dir, tmp_
     seen = []
     real_step = balto.train_step
 
-    def step_and_check(policy, sampler, reference, *args):
-        record = real_step(policy, sampler, reference, *args)
+    def step_and_check(models, *args):
+        result = real_step(models, *args)
+        policy, sampler, reference = models.policy, models.sampler, models.reference
+        assert models.bf16
         assert {p.dtype for p in policy.parameters()} == {torch.float32}  # AdamW's master weights
         assert {p.dtype for p in sampler.parameters()} == {p.dtype for p in reference.parameters()} == {torch.bfloat16}
         for (name, p), q in zip(policy.named_parameters(), sampler.parameters()):  # refreshed after the update
             assert torch.equal(p.detach().to(torch.bfloat16), q), name
-        seen.append(record["kl"])
-        return record
+        seen.append(result.kl)
+        return result
 
     monkeypatch.setattr(balto, "train_step", step_and_check)
     smoke = SMOKE[:]
