@@ -540,17 +540,30 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
     return violations
 
 
-def grounding_violations(context: str, claim: str, best_clause: str) -> list[str]:
+def grounding_violations(context: str, claim: str, clause: str, bare_answer: bool) -> list[str]:
     """The transparent grounding rules. Any violation makes the claim unsupported.
 
+    clause is the context clause the claim is about (a verifier's best_clause).
     - number and name: see ungrounded_numbers_and_names;
-    - negation: the claim and the context clause it matches best disagree on negation;
+    - relevance: a number of the claim that its clause lacks was taken from another part of the
+      context; a bare answer (bare_answer) must find its numbers and names in its clause alone;
+    - negation: the claim and its clause disagree on negation;
     - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
-    Example: ("Revenue rose 8% to $4.2 billion.", "Revenue rose 18%.", ...) -> ["number 18"]
+    A bare answer ("1974.") states no predicate, so only the first two apply to it.
+    Example: ("It opened in 1974. It has 9 kilns.", "It opened in 9.", "It opened in 1974.",
+              False) -> ["number 9 is about another part of the context"]
     """
+    if bare_answer:
+        return ungrounded_numbers_and_names(clause, claim)
     violations = ungrounded_numbers_and_names(context, claim)
+    clause_numbers = {normalise_number(w) for w in words(clause) if w[0].isdigit()}
+    for word in words(claim):
+        number = normalise_number(word)
+        if word[0].isdigit() and number not in clause_numbers:
+            if f"number {word}" not in violations:  # in the context, but elsewhere
+                violations.append(f"number {word} is about another part of the context")
     claim_lower = [w.lower() for w in words(claim)]
-    clause_lower = [w.lower() for w in words(best_clause)]
+    clause_lower = [w.lower() for w in words(clause)]
     claim_negated = any(w in NEGATIONS or w.endswith("n't") for w in claim_lower)
     clause_negated = any(w in NEGATIONS or w.endswith("n't") for w in clause_lower)
     if claim_negated != clause_negated:
@@ -559,6 +572,15 @@ def grounding_violations(context: str, claim: str, best_clause: str) -> list[str
         if word in OPPOSITE and OPPOSITE[word] in clause_lower and word not in clause_lower:
             violations.append(f"antonym {word}/{OPPOSITE[word]}")
     return violations
+
+
+BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
+
+
+def is_bare_answer(claim: str, question: str) -> bool:
+    """A claim of at most BARE_ANSWER_WORDS words that answers a question: on its own it says
+    nothing about what it is the value of, so it is checked together with the question."""
+    return bool(question) and len(words(claim)) <= BARE_ANSWER_WORDS
 
 
 def context_clauses(context: str) -> list[str]:
@@ -608,29 +630,40 @@ class RuleVerifier:
 
     name = "rules"
 
-    def best_clause(self, context: str, claim: str) -> str:
-        """The context clause sharing the most word stems with the claim's content words."""
-        claim_stems = {stem(w) for w in content_words(claim)}
+    def best_clause(self, clauses: list[str], about: str) -> int:
+        """The number of the clause sharing the most word stems with the content words of
+        `about` (the claim, or a bare answer with its question)."""
+        about_stems = {stem(w) for w in content_words(about)}
+        shared = [len(about_stems & {stem(w) for w in words(clause)}) for clause in clauses]
+        return shared.index(max(shared))
 
-        def shared(clause):
-            return len(claim_stems & {stem(w) for w in words(clause)})
-
-        return max(context_clauses(context), key=shared)
-
-    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        """p(supported) for each (context, claim) pair: 0 on a rule violation, else 1 when every
-        content word is in the context."""
+    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
+        """p(supported) for each (context, question, claim): 0 on a rule violation, else 1 when
+        every content word is in the context (in its clause, for a bare answer)."""
         scores = []
-        for context, claim in pairs:
-            if grounding_violations(context, claim, self.best_clause(context, claim)):
+        for context, question, claim in checks:
+            clauses = context_clauses(context)
+            bare = is_bare_answer(claim, question)
+            about = question if bare else claim
+            clause = clauses[self.best_clause(clauses, about)]
+            if grounding_violations(context, claim, clause, bare):
                 scores.append(0.0)
                 continue
-            context_stems = {stem(w) for w in words(context)}
+            grounds = clause if bare else context
+            grounds_stems = {stem(w) for w in words(grounds)}
             support = []
             for word in content_words(claim):
-                support.append(1.0 if lexically_grounded(word, context_stems) else 0.0)
+                support.append(1.0 if lexically_grounded(word, grounds_stems) else 0.0)
             scores.append(min(support) if support else 1.0)
         return scores
+
+
+@dataclass
+class Encoded:
+    """One text through the sentence encoder."""
+    tokens: torch.Tensor  # (T, H) unit vector of each token, [CLS] and [SEP] left out
+    spans: list[tuple[int, int]]  # (T,) character span of each token in the text
+    sentence: torch.Tensor  # (H,) unit vector of the mean token
 
 
 class EncoderVerifier(RuleVerifier):
@@ -639,11 +672,13 @@ class EncoderVerifier(RuleVerifier):
     p(supported) is the support of the claim's least-supported content word (word_support): 1
     when the word or its stem is in the context, else its tokens' best cosine to a context token.
     One new detail ("an instant bestseller") fails a claim; a paraphrase ("received" for "won")
-    stays close. The encoder also picks the clause the negation and antonym rules check.
+    stays close. The encoder also picks the clause a claim is about: the rules check it there.
+    The context is encoded clause by clause, so a clause's vectors are the same alone and inside
+    any context, whatever its length and whatever the tokenizer does with long texts.
     """
 
     name = "minilm"
-    WINDOW, OVERLAP = 256, 128  # tokens per encoder pass (MiniLM was tuned on 256), shared tokens
+    PIECE = 254  # tokens per encoder pass, [CLS] and [SEP] aside (MiniLM was tuned on 256)
 
     def __init__(self, path: str | Path, device):
         from transformers import AutoModel, AutoTokenizer
@@ -657,75 +692,76 @@ class EncoderVerifier(RuleVerifier):
         self.cache: dict[str, tuple] = {}
 
     @torch.no_grad()
-    def encode(self, texts: list[str]):
-        """Encode texts in windows of at most WINDOW tokens (a longer text is cut into windows
-        that overlap by OVERLAP tokens, by the tokenizer's overflow).
-
-        Returns unit token vectors (W, T, H) of the W windows, their token mask (W, T) without
-        [CLS] and [SEP], character offsets (W, T, 2), each text's unit sentence vector (N, H)
-        (the mean of its windows' mean token vectors) and each text's window numbers.
-        """
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.WINDOW, stride=self.OVERLAP,
-                             return_overflowing_tokens=True, return_offsets_mapping=True)
-        text_of = enc.pop("overflow_to_sample_mapping").tolist()
-        offsets = enc.pop("offset_mapping")
-        enc = enc.to(self.device)
-        hidden = self.encoder(**enc).last_hidden_state  # (W, T, H)
-        mask = enc.attention_mask.clone()
-        mask[:, 0] = 0  # [CLS]
-        mask[torch.arange(len(mask)), enc.attention_mask.sum(1) - 1] = 0  # [SEP]
-        summed = (hidden * mask[..., None]).sum(1)  # (W, H)
-        window_vectors = F.normalize(summed / mask.sum(1, keepdim=True).clamp(min=1), dim=-1)
-        windows = []
-        for text in range(len(texts)):
-            windows.append([w for w, owner in enumerate(text_of) if owner == text])
-        sentences = []
-        for text_windows in windows:
-            if len(text_windows) == 1:
-                sentences.append(window_vectors[text_windows[0]])
+    def encode(self, texts: list[str]) -> list[Encoded]:
+        """Each text on its own, in one batch. A text longer than PIECE tokens (rare for a
+        clause) is cut into consecutive pieces of PIECE tokens, each encoded alone."""
+        tokenized = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = []  # (text number, token ids) of each encoder pass
+        for i, ids in enumerate(tokenized["input_ids"]):
+            for start in range(0, max(len(ids), 1), self.PIECE):
+                pieces.append((i, ids[start:start + self.PIECE]))
+        width = 2 + max(len(ids) for _, ids in pieces)
+        input_ids = torch.full((len(pieces), width), self.tokenizer.pad_token_id)  # (K, W)
+        attention = torch.zeros((len(pieces), width), dtype=torch.long)  # (K, W)
+        for k, (_, ids) in enumerate(pieces):
+            row = [self.tokenizer.cls_token_id] + ids + [self.tokenizer.sep_token_id]
+            input_ids[k, :len(row)] = torch.tensor(row)
+            attention[k, :len(row)] = 1
+        hidden = self.encoder(input_ids=input_ids.to(self.device),
+                              attention_mask=attention.to(self.device)).last_hidden_state
+        token_vectors = [[] for _ in texts]  # per text, (n, H) of each of its pieces
+        for k, (i, ids) in enumerate(pieces):
+            token_vectors[i].append(hidden[k, 1:1 + len(ids)])
+        encoded = []
+        for i, vectors in enumerate(token_vectors):
+            tokens = torch.cat(vectors)  # (T, H)
+            if len(tokens):
+                sentence = F.normalize(tokens.mean(0), dim=-1)
             else:
-                mean = window_vectors[text_windows].mean(0)
-                sentences.append(F.normalize(mean, dim=-1))
-        sentences = torch.stack(sentences)  # (N, H)
-        return F.normalize(hidden, dim=-1), mask.bool(), offsets, sentences, windows
+                sentence = torch.zeros(hidden.shape[-1], device=hidden.device)
+            spans = [tuple(span) for span in tokenized["offset_mapping"][i]]
+            encoded.append(Encoded(F.normalize(tokens, dim=-1), spans, sentence))
+        return encoded
 
     def context_vectors(self, context: str):
-        """(every context token's unit vector (Tc, H), the clauses, their sentence vectors (C, H)),
+        """(the context's clauses, each clause encoded, their sentence vectors (C, H)),
         computed once per context and kept for the last 512 contexts."""
         if context not in self.cache:
             if len(self.cache) >= 512:  # a bound: each long context keeps megabytes of vectors
                 self.cache.pop(next(iter(self.cache)))  # the oldest
             clauses = context_clauses(context)
-            tokens, mask, *_ = self.encode([context])
-            # every window's tokens (a token in two windows twice over: a max does not mind)
-            clause_vectors = self.encode(clauses)[3]
-            self.cache[context] = (tokens[mask], clauses, clause_vectors)
+            encoded = self.encode(clauses)
+            sentences = torch.stack([clause.sentence for clause in encoded])  # (C, H)
+            self.cache[context] = (clauses, encoded, sentences)
         return self.cache[context]
 
-    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        """p(supported) for each (context, claim) pair, the claims encoded in one batch."""
-        if not pairs:
+    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
+        """p(supported) for each (context, question, claim), the claims encoded in one batch."""
+        if not checks:
             return []
-        tokens, mask, offsets, sentences, windows = self.encode([claim for _, claim in pairs])
+        bare = [is_bare_answer(claim, question) for _, question, claim in checks]
+        claims = self.encode([claim for _, _, claim in checks])
+        questions = [question for (_, question, _), is_bare in zip(checks, bare) if is_bare]
+        question_vectors = iter(self.encode(questions)) if questions else iter([])
         scores = []
-        for i, (context, claim) in enumerate(pairs):
-            context_tokens, clauses, clause_vectors = self.context_vectors(context)
-            best_clause = clauses[int((clause_vectors @ sentences[i]).argmax())]
-            if grounding_violations(context, claim, best_clause):
+        for i, (context, question, claim) in enumerate(checks):
+            clauses, clause_encodings, clause_vectors = self.context_vectors(context)
+            if bare[i]:  # the clause the question asks about, not the one the answer matches
+                about = next(question_vectors).sentence
+            else:
+                about = claims[i].sentence
+            best = int((clause_vectors @ about).argmax())
+            if grounding_violations(context, claim, clauses[best], bare[i]):
                 scores.append(0.0)
                 continue
-            token_spans = []
-            matches = []
-            for w in windows[i]:
-                best_match = (tokens[w] @ context_tokens.T).max(-1).values  # (T,)
-                for t, span in enumerate(offsets[w].tolist()):
-                    if mask[w, t]:
-                        token_spans.append(tuple(span))
-                        matches.append(best_match[t:t + 1])
-            token_match = torch.cat(matches) if matches else torch.zeros(0)
-            context_stems = {stem(w) for w in words(context)}
-            support = word_support(claim, token_spans, token_match, context_stems)
+            if bare[i]:  # a bare answer is grounded in its clause or not at all
+                grounds_tokens = clause_encodings[best].tokens  # (Tc, H)
+                grounds_stems = {stem(w) for w in words(clauses[best])}
+            else:
+                grounds_tokens = torch.cat([clause.tokens for clause in clause_encodings])
+                grounds_stems = {stem(w) for w in words(context)}
+            token_match = (claims[i].tokens @ grounds_tokens.T).max(-1).values  # (T,)
+            support = word_support(claim, claims[i].spans, token_match, grounds_stems)
             scores.append(min(support) if support else 1.0)
         return scores
 
@@ -775,19 +811,21 @@ class Judgement:
 
 def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
     """Steps 3-5 for a rollout batch (judge_responses)."""
-    contexts = [item["context"] for item in batch.items]
-    return judge_responses(verifier, contexts, batch.texts, batch.offsets, threshold)
+    return judge_responses(verifier, batch.items, batch.texts, batch.offsets, threshold)
 
 
-def judge_responses(verifier, contexts: list[str], texts: list[str],
+def judge_responses(verifier, items: list[dict], texts: list[str],
                     offsets: list[list[tuple[int, int]]], threshold: float) -> Judgement:
-    """Steps 3-5: extract claims, verify all of them in one batched call, project them."""
+    """Steps 3-5: extract claims, verify all of them in one batched call, project them.
+
+    items[i] is the item (context and question) that response texts[i] answers.
+    """
     claims = [extract_claims(text) for text in texts]
-    pairs = []
-    for context, text, spans in zip(contexts, texts, claims):
+    checks = []
+    for item, text, spans in zip(items, texts, claims):
         for start, end in spans:
-            pairs.append((context, text[start:end]))
-    flat_scores = iter(verifier.score(pairs))
+            checks.append((item["context"], item["question"], text[start:end]))
+    flat_scores = iter(verifier.score(checks))
     scores = [[next(flat_scores) for _ in spans] for spans in claims]
     supported = [[p >= threshold for p in row] for row in scores]
     width = max(1, max((len(row) for row in offsets), default=0))

@@ -3,7 +3,8 @@
     python bench/check_verifier.py ../shared/data/verifier_pairs.jsonl            # balto's MiniLM verifier
     python bench/check_verifier.py ../shared/data/verifier_pairs.jsonl rules      # the rules alone, no weights
 
-The file is JSONL, one {context, claim, supported, category?} object per line. A claim counts as supported
+The file is JSONL, one {context, claim, supported, category?, question?} object per line; with a
+question, a bare answer ("1974.") is checked as the answer to it. A claim counts as supported
 when balto's verifier gives p(supported) >= balto.py's --support-threshold default, as in training.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def load_verifier_pairs(path: str) -> list[dict]:
 def check_verifier(verifier, pairs: list[dict], path: str,
                    threshold: float = balto.Config.support_threshold) -> dict[str, float]:
     """Accuracy per category and overall, next to the two trivial verifiers."""
-    scores = verifier.score([(p["context"], p["claim"]) for p in pairs])
+    scores = verifier.score([(p["context"], p.get("question", ""), p["claim"]) for p in pairs])
     correct: dict[str, list[int]] = {}
     for pair, score in zip(pairs, scores):
         hit = int((score >= threshold) == bool(pair["supported"]))

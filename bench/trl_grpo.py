@@ -27,14 +27,15 @@ import balto  # noqa: E402  (only its data, prompt, claims and verifier function
 model_dir = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 train, _ = balto.split_items(balto.load_items("data_sample.jsonl"), 2, "data_sample.jsonl")
-prompts = Dataset.from_list([{"prompt": balto.build_prompt(tokenizer, item), "context": item["context"]}
-                             for item in train])
+prompts = Dataset.from_list([{"prompt": balto.build_prompt(tokenizer, item), "context": item["context"],
+                              "question": item["question"]} for item in train])
 verifier = balto.make_verifier("minilm", torch.device("cpu"))
 
 
-def supported_share(completions, context, **_):
+def supported_share(completions, context, question, **_):
     """balto's response reward r_i: the share of the response's claims that the verifier supports."""
-    verdict = balto.judge_responses(verifier, context, completions, [[] for _ in completions],  # no token labels
+    items = [{"context": c, "question": q} for c, q in zip(context, question)]
+    verdict = balto.judge_responses(verifier, items, completions, [[] for _ in completions],  # no token labels
                                     balto.Config.support_threshold)
     return balto.response_rewards(verdict.supported).tolist()
 
