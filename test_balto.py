@@ -358,6 +358,86 @@ def test_sampler_draws_what_hugging_face_generate_draws(tiny):
     assert ours.shape == (6, 12) and torch.equal(ours, theirs[:, prompt_ids.shape[1]:])
 
 
+def tiny_llama():
+    """A 2-layer Llama (SmolLM2's architecture: rotary positions, grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def recorded_draws(monkeypatch):
+    """Record the probabilities each torch.multinomial call draws from."""
+    draws = []
+    real = torch.multinomial
+
+    def multinomial(probs, n, generator=None):
+        draws.append(probs.clone())
+        return real(probs, n, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    return draws
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_static_cache_sampler_draws_what_sample_draws(tiny, monkeypatch, architecture, compiled):
+    """The GPU path (a StaticCache, a compiled decode step) against the eager loop, float32, same seed: the same
+    tokens, drawn from the same probabilities. Compiled here by torch.compile's eager backend (the graph capture,
+    without CUDA graphs, which need a GPU, or inductor's minute of C++ compilation)."""
+    model = tiny[0] if architecture == "gpt2" else tiny_llama()
+    prompt_ids, prompt_mask, *_ = grouped_batch(tiny[1])
+    prompt_ids = prompt_ids % 300  # inside both vocabularies
+    draws = recorded_draws(monkeypatch)
+    eager = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
+    eager_draws = draws[:]
+    draws.clear()
+    if compiled:
+        torch.compiler.reset()
+        sampler = balto.StaticCacheSampler(lambda f: torch.compile(f, backend="eager", fullgraph=True))
+    else:
+        sampler = balto.StaticCacheSampler(lambda f: f)
+    static = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
+    assert static.shape == (6, 20) and torch.equal(static, eager)
+    assert len(draws) == len(eager_draws) == 20
+    for ours, theirs in zip(draws, eager_draws):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_static_cache_sampler_compiles_a_bounded_number_of_shapes():
+    """Prompts of 5 to 60 tokens, 20 batches: cache lengths are rounded up to multiples of 128 tokens, so the
+    decode step is compiled once per batch shape in use (2 row counts x 1 length here), not once per batch."""
+    torch.compiler.reset()  # compiled code is kept per function: forget what other tests compiled
+    compilations = []
+
+    def counting_backend(graph_module, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph_module.forward
+
+    model = tiny_llama()
+    sampler = balto.StaticCacheSampler(lambda f: torch.compile(f, backend=counting_backend, fullgraph=True))
+    g = torch.Generator().manual_seed(0)
+    for batch in range(20):
+        length = int(torch.randint(5, 61, (1,), generator=g))
+        n_prompts = 1 + batch % 2
+        prompt_ids = torch.randint(3, 300, (n_prompts, length), generator=g)
+        out = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 8, 2, g)
+        assert out.shape[0] == 2 * n_prompts
+    assert len(compilations) == 2 and len(sampler.caches) == 2
+
+
+def test_micro_batch_zero_means_all_rows_on_cuda_and_eight_elsewhere():
+    cfg = balto.parse_args(["--prompts-per-step", "16", "--group-size", "8"])
+    assert cfg.micro_batch == 0
+    assert balto.with_micro_batch(cfg, torch.device("cuda")).micro_batch == 128
+    assert balto.with_micro_batch(cfg, torch.device("cpu")).micro_batch == 8
+    chosen = balto.parse_args(["--micro-batch", "4"])
+    assert balto.with_micro_batch(chosen, torch.device("cuda")).micro_batch == 4
+
+
 def test_sampler_fills_a_finished_row_with_eos_and_stops_when_all_are_done(tiny):
     model, tokenizer = tiny
     prompt_ids, prompt_mask, *_ = grouped_batch(tokenizer)
