@@ -102,9 +102,9 @@ class Config:
     clip_eps: float = option(0.2, "PPO clip range [1 - eps, 1 + eps] of the ratio; it can bind "
                                   "only from the second epoch on (--epochs > 1)")
     kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
-    lam: float = option(0.72, "lambda, the size of the balanced transfer: matched scale divides "
+    lam: float = option(0.69, "lambda, the size of the balanced transfer: matched scale divides "
                               "it out of balanced; in balanced-group it weighs the transfer "
-                              "against the group advantage (bench/lam.py chose 0.72)")
+                              "against the group advantage (the value bench/lam.py gives)")
     match_scale: bool = option(True, "divide each batch's credit by its RMS over response "
                                      "tokens, so --lr and --kl-beta mean the same in every mode")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
@@ -1096,9 +1096,10 @@ class Models:
 class TokenObjective:
     """What the update minimises for BALTO and its baselines: policy_loss on per-token credit.
 
-    This is the seam of the update: update() asks an objective for what it reads from a model
-    (score, and reference_score for the frozen reference) and for the loss of one micro-batch.
-    peers/tpo.py and peers/tlpo.py hand update() objectives of their own.
+    This is the seam of the update, where peers/tpo.py and peers/tlpo.py plug in objectives of
+    their own. update() asks an objective for what it reads from a model (score, and
+    reference_score for the frozen reference) and for the loss of one micro-batch; the log
+    shows its credit and credit_rms, and beside each token's label its token_logs.
     """
     credit: torch.Tensor  # (B, R) after matched scaling
     credit_rms: float  # its RMS over response tokens before matched scaling (logged)
@@ -1107,6 +1108,7 @@ class TokenObjective:
     temperature: float
     clip_eps: float
     kl_beta: float
+    token_logs: dict = field(default_factory=dict)  # name -> (B, R), logged per token
 
     def score(self, model, batch: Rollout, rows: slice) -> torch.Tensor:
         return batch.logprobs(model, rows, self.temperature)  # (rows, R)
@@ -1145,6 +1147,7 @@ class StepResult:
     kl: float
     clipfrac: float
     seconds: dict  # generate, verify, update
+    token_logs: dict  # name -> (B, R): what the objective logs beside each token's label
 
 
 def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Config, device,
@@ -1162,8 +1165,9 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
     updated = time.perf_counter()
     seconds = {"generate": sampled - start, "verify": judged - sampled, "update": updated - judged}
     return StepResult(batch=batch, verdict=verdict, rewards=rewards, credit=objective.credit,
-                      credit_rms=objective.credit_rms, loss=loss,
-                      kl=stats["kl"], clipfrac=stats["clipfrac"], seconds=seconds)
+                      credit_rms=objective.credit_rms, loss=loss, kl=stats["kl"],
+                      clipfrac=stats["clipfrac"], seconds=seconds,
+                      token_logs=objective.token_logs)
 
 
 def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[float, dict]:
@@ -1213,7 +1217,7 @@ def detached(scores):
 EVAL_SEED = 2026
 # Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens",
-                 "scored", "f1", "recall", "words", "copied")
+                 "scored", "f1", "recall", "words", "copied", "bare")
 
 
 @torch.no_grad()
@@ -1262,6 +1266,7 @@ def add_response_counts(counts: Counter, item: dict, text: str, n_tokens: int,
             invented = True
     counts["invented"] += invented
     counts["copied"] += copied_words(text, item["context"])
+    counts["bare"] += bool(claims) and len(words(text)) <= BARE_ANSWER_WORDS  # "1974."
     scores = informativeness(text, item, n_unsupported)
     if scores is not None:
         counts["scored"] += 1
@@ -1353,6 +1358,7 @@ def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
             "invented_rate": c["invented"] / c["responses"],
             "response_len": c["tokens"] / c["responses"],
             "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in 8-word context runs
+            "bare_answer_rate": c["bare"] / c["responses"],  # a claim in 3 words or fewer
             "claims_per_response": c["claims"] / c["responses"]}
 
 
@@ -1382,7 +1388,8 @@ HELD_OUT_METRICS = [("faithfulness", "faithfulness"),
                     ("  of which a number or name", "invented_rate"),
                     ("response length (tokens)", "response_len"),
                     ("claims per response", "claims_per_response"),
-                    ("copy rate (8-word runs)", "copy_rate")]
+                    ("copy rate (8-word runs)", "copy_rate"),
+                    ("bare answers (<= 3 words)", "bare_answer_rate")]
 COLOUR_MARKS = ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"},  # green, red
                 {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"})
 BRACKET_MARKS = ({SUPPORTED: "[+", UNSUPPORTED: "[-"}, {SUPPORTED: "+]", UNSUPPORTED: "-]"})
@@ -1455,19 +1462,22 @@ def step_record(step: int, result: StepResult) -> dict:
     record["generate_s"] = result.seconds["generate"]
     record["verify_s"] = result.seconds["verify"]
     record["update_s"] = result.seconds["update"]
-    record["example"] = example_record(batch, verdict, result.credit, 0)
+    record["example"] = example_record(batch, verdict, result.credit, 0, result.token_logs)
     record["rewards"] = result.rewards.tolist()  # every row's r_i, for tools/report.py
     record["mixed"] = None  # a response with both kinds of claim, where the modes differ
     for row, supported in enumerate(verdict.supported):
         if any(supported) and not all(supported):
-            record["mixed"] = {"row": row, **example_record(batch, verdict, result.credit, row)}
+            example = example_record(batch, verdict, result.credit, row, result.token_logs)
+            record["mixed"] = {"row": row, **example}
             break
     record["step_s"] = record["generate_s"] + record["verify_s"] + record["update_s"]
     return record
 
 
-def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row: int) -> dict:
-    """One rollout with its claims and scores, and each token's text, label and credit."""
+def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row: int,
+                   token_logs: dict | None = None) -> dict:
+    """One rollout with its claims and scores, and each token's text, label, credit and whatever
+    else the objective logs per token (token_logs)."""
     n = int(batch.mask[row].sum())
     text = batch.texts[row]
     pieces = []
@@ -1477,14 +1487,17 @@ def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row
     for (start, end), p, supported in zip(verdict.claims[row], verdict.scores[row],
                                           verdict.supported[row]):
         claims.append([start, end, round(p, 3), supported])
-    return {"id": batch.items[row]["id"],
-            "question": batch.items[row]["question"],
-            "text": text,
-            "claims": claims,
-            "offsets": [list(span) for span in batch.offsets[row][:n]],
-            "tokens": pieces,
-            "labels": verdict.labels[row, :n].tolist(),
-            "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
+    record = {"id": batch.items[row]["id"],
+              "question": batch.items[row]["question"],
+              "text": text,
+              "claims": claims,
+              "offsets": [list(span) for span in batch.offsets[row][:n]],
+              "tokens": pieces,
+              "labels": verdict.labels[row, :n].tolist(),
+              "credit": [round(c, 5) for c in credit[row, :n].tolist()]}
+    for name, values in (token_logs or {}).items():
+        record[name] = [round(v, 5) for v in values[row, :n].tolist()]
+    return record
 
 
 # ==== 11. Main ==================================================================================
@@ -1512,12 +1525,19 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype_name = "bfloat16" if models.bf16 else "float32"
-    print(f"policy {cfg.model} on {device} ({dtype_name}); verifier {verifier.name}; "
-          f"credit {cfg.credit}; {len(train_items)} training / {len(eval_items)} held-out prompts")
+    if make_objective is token_objective:
+        method = f"credit {cfg.credit}"
+    else:
+        method = f"objective {make_objective.__name__}"
+    print(f"policy {cfg.model} on {device} ({dtype_name}); verifier {verifier.name}; {method}; "
+          f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
     with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps all
-        log.write(json.dumps({"event": "config", **dataclasses.asdict(cfg)}) + "\n")
+        config = {"event": "config", **dataclasses.asdict(cfg)}
+        if make_objective is not token_objective:
+            config["objective"] = make_objective.__name__  # a peer's (peers/)
+        log.write(json.dumps(config) + "\n")
         before = None
         if cfg.eval_before:
             before = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device,

@@ -833,13 +833,14 @@ def test_held_out_metrics_and_bootstrap_intervals_against_a_naive_resampler():
         rows.append({"responses": n, "claims": claims, "supported": rng.randint(0, claims),
                      "hallucinated": rng.randint(0, n), "invented": 0, "tokens": rng.randint(4, 200),
                      "scored": n, "f1": rng.random() * n, "recall": rng.random() * n,
-                     "words": rng.randint(4, 200), "copied": 0})
+                     "words": rng.randint(4, 200), "copied": 0, "bare": rng.randint(0, n)})
         rows[-1]["copied"] = rng.randint(0, rows[-1]["words"])
     table = torch.tensor([[r[k] for k in balto.PROMPT_COUNTS] for r in rows], dtype=torch.float64)
     metrics = balto.held_out_metrics(table.sum(0))
     for key, value in naive_metrics(rows).items():
         assert float(metrics[key]) == pytest.approx(value), key
     assert float(metrics["copy_rate"]) == pytest.approx(sum(r["copied"] for r in rows) / sum(r["words"] for r in rows))
+    assert float(metrics["bare_answer_rate"]) == pytest.approx(sum(r["bare"] for r in rows) / (4 * 15))
     intervals = balto.bootstrap_intervals(table, resamples=4000, seed=1)
     # the same percentile bootstrap with Python's own resampler: the intervals agree to Monte Carlo error
     draws = [naive_metrics([rows[rng.randrange(15)] for _ in range(15)]) for _ in range(4000)]
@@ -849,6 +850,16 @@ def test_held_out_metrics_and_bootstrap_intervals_against_a_naive_resampler():
         assert intervals[key][0] == pytest.approx(low, abs=0.02) and intervals[key][1] == pytest.approx(high, abs=0.02)
         assert intervals[key][0] <= float(metrics[key]) <= intervals[key][1]
     assert balto.bootstrap_intervals(table[:1])["faithfulness"][0] == balto.bootstrap_intervals(table[:1])["faithfulness"][1]
+
+
+@pytest.mark.parametrize("text,bare", [("1974.", 1), ("Claire Duval.", 1), ("It opened in 1974.", 0),
+                                       ("The context does not say.", 0), ("", 0)])
+def test_a_bare_answer_is_a_claim_in_three_words_or_fewer(text, bare):
+    item = {"context": "The plant opened in 1974. Claire Duval runs it.", "question": "When?", "answer": "1974."}
+    counts = collections.Counter()
+    claims = balto.extract_claims(text)
+    balto.add_response_counts(counts, item, text, 5, claims, [True] * len(claims))
+    assert counts["bare"] == bare and counts["responses"] == 1
 
 
 def test_render_rollout_marks_labels_without_a_terminal():

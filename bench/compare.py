@@ -1,6 +1,6 @@
-"""Tabulate a credit-mode comparison: seed-averaged held-out metrics with paired bootstrap intervals.
+"""Tabulate a comparison of modes: seed-averaged held-out metrics with paired bootstrap intervals.
 
-    python bench/compare.py runs/compare            # every <mode>-s<seed>/metrics.json under it
+    python bench/compare.py runs/v3            # every <mode>-s<seed>/metrics.json under it
 
 Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS). One bootstrap draw resamples the
 held-out prompts once and applies the same draw to every run, so the interval of a difference between
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
 
 KEYS = ["q_score", "faithfulness", "informativeness", "key_term_recall", "hallucination_rate", "invented_rate",
-        "response_len", "claims_per_response", "copy_rate"]
+        "response_len", "claims_per_response", "copy_rate", "bare_answer_rate"]
 RESAMPLES = 2000
 
 
@@ -63,8 +63,8 @@ def main(root: str) -> None:
     order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -float(point[m]["q_score"])))
     print(f"{prompts} held-out prompts, {RESAMPLES} paired bootstrap resamples; mean over seeds [95% interval]\n")
     print("| run | seeds | Q | faithfulness | informativeness (F1) | key-term recall | hallucination | "
-          "invented number/name | tokens | claims | copy rate | Q per seed (SD) | wall (min) |")
-    print("| --- " * 13 + "|")
+          "invented number/name | tokens | claims | copy rate | bare answers | Q per seed (SD) | wall (min) |")
+    print("| --- " * 14 + "|")
     for m in order:
         p, d = point[m], draws[m]
         wall = f"{sum(walls[m]) / len(walls[m]) / 60:.1f}" if walls.get(m) else ""
@@ -92,4 +92,4 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/compare")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/v3")

@@ -118,6 +118,7 @@ def tokenizer():
 
 
 CONTEXT = "Vantor Steel cut 1,400 jobs in 2023 after demand from car makers fell by 12 percent."
+QUESTION = "How many jobs did Vantor Steel cut?"
 RESPONSES = ["Vantor Steel cut 1,400 jobs in 2023. The cuts were made in Graz.",
              "Demand fell by 12 percent; the context does not say more.",
              "Thanks!"]
@@ -128,7 +129,7 @@ def balto_labels(tokenizer, text):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"] + [tokenizer.eos_token_id]
     offsets = [tuple(s) for s in enc["offset_mapping"]] + [(len(text), len(text))]
-    rollout = balto.Rollout(items=[{"context": CONTEXT}], texts=[text], prompt_ids=torch.zeros(1, 1, dtype=torch.long),
+    rollout = balto.Rollout(items=[{"context": CONTEXT, "question": QUESTION}], texts=[text], prompt_ids=torch.zeros(1, 1, dtype=torch.long),
                             prompt_mask=torch.ones(1, 1, dtype=torch.long), prompt_of=torch.zeros(1, dtype=torch.long),
                             response_ids=torch.tensor([ids]), mask=torch.ones(1, len(ids), dtype=torch.long),
                             offsets=[offsets], finished=[True])
@@ -139,7 +140,8 @@ def balto_labels(tokenizer, text):
 @pytest.mark.parametrize("text", RESPONSES)
 def test_reward_manager_labels_equal_balto_judge(tokenizer, text):
     ids, expected, expected_reward = balto_labels(tokenizer, text)
-    labels, reward = verl_balto.response_labels(tokenizer, ids, CONTEXT, balto.RuleVerifier())
+    labels, reward = verl_balto.response_labels(tokenizer, ids, {"context": CONTEXT, "question": QUESTION},
+                                                balto.RuleVerifier())
     assert labels == expected and reward == expected_reward
     assert any(labels) or text == "Thanks!"  # the first two have claims, so the comparison is not all zeros
 
@@ -159,7 +161,8 @@ def test_reward_manager_run_single_returns_r_i_and_the_labels(tokenizer):
     responses = torch.tensor([ids + [0, 0]])  # right-padded to the batch's response length
     attention = torch.tensor([[1, 1] + [1] * len(ids) + [0, 0]])  # a 2-token prompt, then the response
     data = DataProto.from_dict(tensors={"responses": responses, "attention_mask": attention},
-                               non_tensors={"extra_info": np.array([{"context": CONTEXT}], dtype=object)})
+                               non_tensors={"extra_info": np.array([{"context": CONTEXT, "question": QUESTION}],
+                                                                   dtype=object)})
     out = manager.loop.run_until_complete(manager.run_single(data))
     assert out["reward_score"] == expected_reward
     assert [int(v) for v in out["reward_extra_info"]["balto_labels"].split()] == expected
@@ -175,3 +178,4 @@ def test_parquet_rows_carry_the_context_and_keep_balto_split(tmp_path):
     assert len(val) == len(held_out) and len(train) + len(val) == len(items)
     assert list(val["extra_info"].map(lambda e: e["id"])) == [item["id"] for item in held_out]
     assert val["extra_info"][0]["context"] in val["prompt"][0][0]["content"]
+    assert val["extra_info"][0]["question"] in val["prompt"][0][0]["content"]

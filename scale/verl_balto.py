@@ -59,17 +59,20 @@ def token_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]
     return offsets
 
 
-def response_labels(tokenizer, ids: list[int], context: str, verifier,
+def response_labels(tokenizer, ids: list[int], item: dict, verifier,
                     threshold: float = balto.Config.support_threshold) -> tuple[list[int], float]:
-    """(token labels of the response ids, response reward r_i): balto.judge_responses and balto.response_rewards."""
+    """(token labels of the response ids, response reward r_i): balto.judge_responses and balto.response_rewards.
+
+    item holds the context and the question the response answers (a bare answer is checked with its question).
+    """
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    verdict = balto.judge_responses(verifier, [context], [text], [token_offsets(tokenizer, ids, text)], threshold)
+    verdict = balto.judge_responses(verifier, [item], [text], [token_offsets(tokenizer, ids, text)], threshold)
     return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.supported)[0])
 
 
 @register_reward_manager("balto")
 class BaltoRewardManager(RewardManagerBase):
-    """One response per call, as verl's naive manager; the context comes from the row's extra_info["context"]."""
+    """One response per call, as verl's naive manager; the context and question come from the row's extra_info."""
 
     verifier = None  # one per process, loaded on first use
 
@@ -83,9 +86,10 @@ class BaltoRewardManager(RewardManagerBase):
         item = data[-1]
         response = item.batch["responses"]
         length = int(item.batch["attention_mask"][-response.shape[-1]:].sum())
-        context = item.non_tensor_batch["extra_info"]["context"]
+        extra = item.non_tensor_batch["extra_info"]
+        asked = {"context": extra["context"], "question": extra.get("question", "")}
         labels, reward = await self.loop.run_in_executor(
-            None, response_labels, self.tokenizer, response[:length].tolist(), context, self.verifier)
+            None, response_labels, self.tokenizer, response[:length].tolist(), asked, self.verifier)
         # a string, not a list: verl stacks reward_extra_info into a numpy array, and responses differ in length
         return {"reward_score": reward, "reward_extra_info": {"balto_labels": " ".join(map(str, labels))}}
 
@@ -142,11 +146,11 @@ if not getattr(ray_trainer.compute_advantage, "carries_balto_labels", False):  #
 # Data: balto's JSONL and held-out split as verl's parquet rows
 # ------------------------------------------------------------------------------------------------
 def verl_row(item: dict) -> dict:
-    """One balto item as a verl RL row: chat prompt (balto's instruction), the context in extra_info."""
+    """One balto item as a verl RL row: chat prompt (balto's instruction), the context and question in extra_info."""
     body = f"{balto.INSTRUCTION}\n\nContext: {item['context']}\nQuestion: {item['question']}"
     return {"data_source": "balto", "prompt": [{"role": "user", "content": body}],
             "reward_model": {"style": "rule", "ground_truth": item.get("answer", "")},
-            "extra_info": {"context": item["context"], "id": item["id"]}}
+            "extra_info": {"context": item["context"], "question": item["question"], "id": item["id"]}}
 
 
 def write_parquet(data: str, out_dir: str, eval_size: int = balto.Config.eval_size) -> None:

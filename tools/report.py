@@ -88,9 +88,9 @@ def credit_colour(value: float, scale: float) -> str:
     return f"rgba({r},{g},{b},{0.15 + 0.75 * min(1.0, abs(value) / scale):.2f})"
 
 
-def html_response(example: dict, credit: list[float]) -> str:
-    """One response: claims outlined (hover: verifier score), tokens coloured by credit (hover: label,
-    credit)."""
+def html_response(example: dict, credit: list[float], what: str = "credit") -> str:
+    """One response: claims outlined (hover: verifier score), tokens coloured by credit, or by another
+    per-token value named `what` (hover: label, value)."""
     text, claims, scale = example["text"], example["claims"], max(map(abs, credit), default=0.0)
     out, cursor, open_claim = [], 0, None
     for (s, e), label, value in zip(example["offsets"], example["labels"], credit):
@@ -108,9 +108,9 @@ def html_response(example: dict, credit: list[float]) -> str:
             open_claim = claim
         else:
             out.append(html.escape(text[cursor:s]))
-        out.append(f'<span class="tok" data-label="{label}" data-credit="{value:.5f}" '
+        out.append(f'<span class="tok" data-label="{label}" data-{what}="{value:.5f}" '
                    f'style="background:{credit_colour(value, scale)}" '
-                   f'title="{balto.LABEL_NAMES[label]}, credit {value:+.5f}">'
+                   f'title="{balto.LABEL_NAMES[label]}, {what} {value:+.5f}">'
                    f'{html.escape(text[s:e])}</span>')
         cursor = e
     if open_claim is not None:
@@ -172,22 +172,46 @@ CURVES = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfu
           ("supported tokens", "supported_tokens"), ("unsupported tokens", "unsupported_tokens")]
 
 
+def lean_by_label(steps: list[dict]) -> str:
+    """TPO runs: the mean s (log-prob with the context minus without) of the logged tokens, by label."""
+    sums = {label: [0.0, 0] for label in balto.LABEL_NAMES}
+    for record in steps:
+        examples = [record["example"]] + ([record["mixed"]] if record.get("mixed") else [])
+        for example in examples:
+            for label, value in zip(example["labels"], example["s"]):
+                sums[label][0] += value
+                sums[label][1] += 1
+    rows = "".join(f"<tr><td>{balto.LABEL_NAMES[label]}</td><td>{total / n if n else float('nan'):+.3f}</td>"
+                   f"<td>{n}</td></tr>" for label, (total, n) in sums.items())
+    return ("<h2>What TPO sees</h2><p>s = log pi(token | context) - log pi(token | no context): how much a "
+            "token leans on the context, by the policy of that step. Mean over the logged tokens of every "
+            "step, by the verifier's label (TPO itself never sees the labels):</p>"
+            f"<table><tr><th>label</th><th>mean s</th><th>tokens</th></tr>{rows}</table>")
+
+
 def report(run_dir: Path) -> str:
     """The whole page as one string."""
     config, steps, evals = read_log(run_dir)
     status = "finished" if "after" in evals else f"stopped after step {len(steps)}"
+    if "objective" in config:  # a peer's run (peers/tpo.py, peers/tlpo.py)
+        method = f"objective <b>{html.escape(config['objective'])}</b>"
+    else:
+        method = f"credit <b>{html.escape(config['credit'])}</b>"
+    shows_lean = bool(steps) and "s" in steps[0]["example"]
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>BALTO report'
              f"</title><style>{STYLE}</style></head><body><h1>BALTO run report</h1>"
              f"<p>Status: <b>{html.escape(status)}</b>. Policy {html.escape(config['model'])}, "
-             f"credit <b>{html.escape(config['credit'])}</b>, {len(steps)} of {config['steps']} "
+             f"{method}, {len(steps)} of {config['steps']} "
              f"steps logged, from {html.escape(str(run_dir / 'log.jsonl'))}.</p>"]
     parts.append("<h2>Held-out evaluation</h2>")
     if evals:
         prompts = next(iter(evals.values()))["prompts"]
         head = "".join(f"<th>{when}</th>" for when in evals)
+        shown = [(label, key) for label, key in balto.HELD_OUT_METRICS  # older logs lack newer metrics
+                 if all(key in e for e in evals.values())]
         rows = "".join(f"<tr><td>{'&emsp;' * label.startswith(' ')}{html.escape(label.strip())}</td>"
                        + "".join(f"<td>{balto.with_interval(e, key)}</td>" for e in evals.values())
-                       + "</tr>" for label, key in balto.HELD_OUT_METRICS)
+                       + "</tr>" for label, key in shown)
         parts.append(f"<p>{prompts} prompts; 95% bootstrap intervals over prompts.</p>"
                      f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
     else:
@@ -205,8 +229,11 @@ def report(run_dir: Path) -> str:
         parts.append(f"<h3>Step {step}, {html.escape(example['id'])}: "
                      f"{html.escape(example['question'])}</h3><p>Group rewards r: {group} "
                      f"(this response: {rewards[row]:.2f}).</p><div class=\"modes\">")
+        if shows_lean:
+            parts.append(f'<div class="mode" data-mode="tpo-s"><b>s: lean on the context (this run: TPO)</b><br>'
+                         f'{html_response(example, example["s"], what="s")}</div>')
         for mode in balto.CREDIT_MODES:
-            marker = " (this run)" if mode == config["credit"] else ""
+            marker = " (this run)" if mode == config["credit"] and "objective" not in config else ""
             parts.append(f'<div class="mode" data-mode="{mode}"><b>{mode}{marker}</b> '
                          f'<small class="totals">total credit: '
                          f'{credit_totals(example["labels"], credits[mode])}</small><br>'
@@ -214,6 +241,8 @@ def report(run_dir: Path) -> str:
         parts.append("</div>")
     if not steps:
         parts.append("<p>No step logged yet.</p>")
+    if shows_lean:
+        parts.append(lean_by_label(steps))
     settings = {k: v for k, v in config.items() if k != "event"}
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(settings, indent=2))}</pre>")
     return "".join(parts) + "</body></html>\n"

@@ -75,7 +75,7 @@ def write_log(path, steps=3, finished=True, mixed=True):
     """A log as balto.run writes it (G 2, lam 1), with hand-made rollouts."""
     before = {"faithfulness": 0.5, "informativeness": 0.4, "q_score": 0.44, "key_term_recall": 0.5,
               "hallucination_rate": 0.6, "invented_rate": 0.2, "response_len": 20.0,
-              "claims_per_response": 1.5, "copy_rate": 0.1}
+              "claims_per_response": 1.5, "copy_rate": 0.1, "bare_answer_rate": 0.05}
     evaluation = {**before, "interval": {k: [v - 0.1, v + 0.1] for k, v in before.items()}, "prompts": 8}
     lines = [{"event": "config", **{**vars(balto.Config()), "group_size": 2, "lam": 1.0, "steps": 3}},
              {"event": "eval", "when": "before", **evaluation}]
