@@ -188,6 +188,7 @@ class Rollout:
     mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
     offsets: list[list[tuple[int, int]]]  # per row: character span of each token in its text
     finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
+    decode_steps: int = 0  # tokens the sampler drew per row (until every row had ended)
 
     def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
         """Log-probs of the response rows `rows`, by the fast path: (rows, R); padding reads 0."""
@@ -237,7 +238,7 @@ def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, d
     return Rollout(items=[item for item in items for _ in range(group_size)], texts=texts,
                    prompt_ids=enc.input_ids, prompt_mask=enc.attention_mask, prompt_of=prompt_of,
                    response_ids=response_ids.to(device), mask=mask.to(device), offsets=offsets,
-                   finished=finished)
+                   finished=finished, decode_steps=sampled.shape[1])
 
 
 @torch.inference_mode()  # lighter than no_grad per op; the sampled ids never enter autograd
@@ -287,7 +288,7 @@ class StaticCacheSampler:
     shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
     """
 
-    CACHE_STEP = 128  # tokens: cache lengths are multiples of it
+    CACHE_STEP = 512  # tokens: cache lengths are multiples of it (one length for our data)
 
     def __init__(self, compile_step=None):
         """compile_step(function) -> the compiled function; default torch.compile with CUDA
@@ -335,8 +336,17 @@ class StaticCacheSampler:
             if ids.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's output is read
             cache_argument_name = cache_argument(type(model))
-            logits = self.step(model, token[:, None], position, attention,
-                               **{cache_argument_name: cache})
+            try:
+                logits = self.step(model, token[:, None], position, attention,
+                                   **{cache_argument_name: cache})
+            except Exception as err:  # no working compiler here: sample again, step uncompiled
+                if self.step is decode_step:
+                    raise
+                print(f"note: the compiled decode step failed ({type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0][:80]}); sampling without compilation")
+                self.step = decode_step
+                return self.sample(model, prompt_ids, prompt_mask, group_size, temperature,
+                                   max_new_tokens, eos_id, generator)
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
             position = position + 1
         return torch.stack(tokens, 1)
@@ -1459,6 +1469,7 @@ def step_record(step: int, result: StepResult) -> dict:
     record["loss"] = result.loss
     record["response_len"] = float(batch.mask.sum(1).float().mean())
     record["truncated"] = 1 - sum(batch.finished) / len(batch.finished)  # cut at max_new_tokens
+    record["decode_steps"] = batch.decode_steps
     record["generate_s"] = result.seconds["generate"]
     record["verify_s"] = result.seconds["verify"]
     record["update_s"] = result.seconds["update"]

@@ -408,7 +408,7 @@ def test_static_cache_sampler_draws_what_sample_draws(tiny, monkeypatch, archite
 
 
 def test_static_cache_sampler_compiles_a_bounded_number_of_shapes():
-    """Prompts of 5 to 60 tokens, 20 batches: cache lengths are rounded up to multiples of 128 tokens, so the
+    """Prompts of 5 to 60 tokens, 20 batches: cache lengths are rounded up to multiples of CACHE_STEP tokens, so the
     decode step is compiled once per batch shape in use (2 row counts x 1 length here), not once per batch."""
     torch.compiler.reset()  # compiled code is kept per function: forget what other tests compiled
     compilations = []
@@ -427,6 +427,50 @@ def test_static_cache_sampler_compiles_a_bounded_number_of_shapes():
         out = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 8, 2, g)
         assert out.shape[0] == 2 * n_prompts
     assert len(compilations) == 2 and len(sampler.caches) == 2
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs these)")
+
+
+@CUDA
+def test_cuda_graph_sampler_draws_what_sample_draws_on_the_gpu():
+    """The GPU path as run() uses it (inductor and CUDA graphs), float32: the eager loop's tokens, seed for seed."""
+    torch.compiler.reset()
+    model = tiny_llama().cuda()
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, 300, (2, 9), generator=g).cuda()
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :3] = 0
+    eager = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
+    sampler = balto.StaticCacheSampler()
+    for _ in range(2):  # the second call replays the recorded graph
+        static = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
+        assert torch.equal(static, eager)
+
+
+@CUDA
+def test_a_run_on_cuda_samples_through_the_static_cache_and_updates_all_rows_at_once(tiny_dir, tmp_path):
+    smoke = SMOKE[:]
+    smoke[smoke.index("--device") + 1] = "cuda"
+    smoke[smoke.index("--dtype") + 1] = "auto"
+    metrics = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *smoke])
+    assert metrics["config"]["micro_batch"] == 4 and metrics["after"]["responses"] == 4
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "step"] == [1, 2]
+
+
+def test_a_failing_compiler_falls_back_to_the_uncompiled_step(capsys):
+    def broken(function):
+        def step(*args, **kwargs):
+            raise RuntimeError("no C compiler found")
+        return step
+
+    model = tiny_llama()
+    prompt_ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
+    sampler = balto.StaticCacheSampler(broken)
+    out = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 5, 2, torch.Generator())
+    assert out.shape == (2, 5) and sampler.step is balto.decode_step
+    assert "sampling without compilation" in capsys.readouterr().out
 
 
 def test_micro_batch_zero_means_all_rows_on_cuda_and_eight_elsewhere():
@@ -1072,7 +1116,8 @@ def test_help_lists_every_config_field_with_its_text(capsys):
 
 
 SMOKE = ["--verifier", "rules", "--dtype", "float32", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
-         "--max-new-tokens", "8", "--eval-size", "2", "--eval-samples", "2", "--show-every", "1", "--lr", "1e-3"]
+         "--max-new-tokens", "8", "--eval-size", "2", "--eval-samples", "2", "--show-every", "1", "--lr", "1e-3",
+         "--device", "cpu"]  # the same numbers on every machine; the CUDA path has tests of its own
 
 
 @pytest.mark.parametrize("credit", balto.CREDIT_MODES)

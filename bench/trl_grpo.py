@@ -4,8 +4,8 @@ Same model, training prompts (balto's split and prompt template), G = 4 samples 
 per step, at most 64 new tokens, temperature 0.7 with no top-k / top-p, KL weight 0.2 (balto.py's default),
 learning rate 2e-5, one update per rollout, gradient checkpointing and bf16 as asked; the reward is
 balto's own claims + MiniLM verifier (share of supported claims). Prints each step's wall time and
-the median. Run it from the repository root, in a virtual environment of its own (README "Speed and
-memory"): TRL is never a dependency of balto.py.
+the median. Run it from the repository root, in a virtual environment of its own (bench/README.md):
+TRL is never a dependency of balto.py. On a CUDA machine it trains on the GPU, as balto.py does.
 
     python bench/trl_grpo.py runs/smollm2-f32 [--bf16] [--gradient-checkpointing]
 
@@ -29,7 +29,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_dir)
 train, _ = balto.split_items(balto.load_items("data_sample.jsonl"), 2, "data_sample.jsonl")
 prompts = Dataset.from_list([{"prompt": balto.build_prompt(tokenizer, item), "context": item["context"],
                               "question": item["question"]} for item in train])
-verifier = balto.make_verifier("minilm", torch.device("cpu"))
+verifier = balto.make_verifier("minilm", balto.pick_device("auto"))  # where balto.py puts it
 
 
 def supported_share(completions, context, question, **_):
@@ -54,7 +54,7 @@ class StepTimer(TrainerCallback):
 config = GRPOConfig(output_dir="runs/trl-bench", max_steps=8, per_device_train_batch_size=8, num_generations=4,
                     gradient_accumulation_steps=1, max_completion_length=64, temperature=0.7, top_p=1.0, top_k=0,
                     beta=0.2, learning_rate=2e-5, num_iterations=1, logging_steps=1, report_to="none",
-                    save_strategy="no", use_cpu=True, bf16="--bf16" in sys.argv, seed=0,
+                    save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16="--bf16" in sys.argv, seed=0,
                     gradient_checkpointing="--gradient-checkpointing" in sys.argv)  # TRL's default: on
 timer = StepTimer()
 GRPOTrainer(model=model_dir, reward_funcs=supported_share, args=config, train_dataset=prompts,

@@ -1,0 +1,34 @@
+"""The step times of a run, from its log: the median step and its parts, decode time per token,
+response tokens per second.
+
+    python bench/steps.py runs/balto
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def main(run_dir: str) -> dict:
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    config = rows[0]
+    steps = [row for row in rows if row["event"] == "step"]
+    responses = config["prompts_per_step"] * config["group_size"]
+    summary = {key: statistics.median(step[key] for step in steps)
+               for key in ("step_s", "generate_s", "verify_s", "update_s")}
+    # the sampler draws one token for every row per decode step, until every row has ended
+    per_token = [step["generate_s"] / step["decode_steps"] for step in steps if step.get("decode_steps")]
+    summary["decode_ms_per_token"] = 1000 * statistics.median(per_token) if per_token else float("nan")
+    tokens = [responses * step["response_len"] / step["step_s"] for step in steps]
+    summary["response_tokens_per_s"] = statistics.median(tokens)
+    print(f"{run_dir}: {len(steps)} steps of {responses} responses; median step {summary['step_s']:.2f} s "
+          f"(generate {summary['generate_s']:.2f}, verify {summary['verify_s']:.2f}, update "
+          f"{summary['update_s']:.2f}); decoding {summary['decode_ms_per_token']:.1f} ms a token for "
+          f"{responses} rows; {summary['response_tokens_per_s']:.1f} response tokens a second")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
