@@ -11,35 +11,45 @@ supported claim), -1 (inside an unsupported claim) or 0 (neither). Give each tok
 A[i, t], then minimise, over all response tokens of the batch,
 
     L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (response tokens)
-    rho = pi(y_it | x, y_i<t) / pi_old(...),    k3 = exp(ref - logp) - (ref - logp) - 1
+    rho = pi(y_it | x, y_i<t) / pi_old(y_it | x, y_i<t),    k3 = pi_ref / pi - log(pi_ref / pi) - 1
 
-rho is the ratio of the policy being trained to the policy that sampled. With the default
---epochs 1 every rollout batch is used for one update only, so rho is 1 and the clip never binds;
-it binds from the second epoch on. BALTO's credit (balanced_credit) is
+pi is the policy being trained; pi_old is the same policy before this batch's first update step;
+pi_ref is the frozen starting policy. With the default --epochs 1 each rollout batch serves one
+update step, so rho is 1 and the clip never binds; it binds from the second epoch on.
+
+BALTO's credit has two reconstructions here (only the paper's abstract is public). The first,
+balanced (balanced_credit, the default), is
 
     A[i, t] = +lam / N+_i on supported tokens,  -lam / N-_i on unsupported tokens,  0 elsewhere
 
 where N+_i and N-_i count response i's supported and unsupported tokens: a response moves the same
-total up and down whatever its length. balanced-group (balanced_group_credit) adds GRPO's group
-advantage g_i, spread as g_i / L_i over the response's L_i tokens. Matched scale (match_scale) then
-divides the batch's credit by one number, its RMS, which sets the overall scale: lam cancels out of
-balanced and weighs the transfer against the group advantage in balanced-group.
+total up and down whatever its length. The second, balanced-group (balanced_group_credit), adds
+GRPO's group advantage g_i, spread as g_i / L_i over the response's L_i tokens. Matched scale
+(match_scale) then divides the batch's credit by one number, its RMS, which sets the overall
+scale. Under balanced, lam therefore cancels; under balanced-group, lam sets the transfer's size
+relative to g_i.
 
-Where each step lives, in the order of the numbered sections below:
+The held-out score is Q = 2 F I / (F + I), the harmonic mean of faithfulness F (supported claims /
+all claims) and informativeness I (token F1 against a reference answer): our reading of the
+paper's Q-Score.
+
+Where each step lives, in the order of the file:
+     config    Config: every option with its --help text
   1. data      load_items, split_items, build_prompt
-  2. rollout   rollout (sample: G responses per prompt), token_logprobs (the definition) and
-               shared_prompt_logprobs (the fast path: each prompt through the model once)
+  2. rollout   rollout: sample (G responses per prompt; on CUDA, StaticCacheSampler draws the
+               same), token_logprobs (the definition) and shared_prompt_logprobs (the fast path:
+               each prompt through the model once)
   3. claims    extract_claims: checkable clauses with character spans
   4. verify    EncoderVerifier: word support from MiniLM + grounding rules -> p(supported)
   5. project   project_labels: claim spans -> token labels +1 / -1 / 0
-  6. credit    assign_credit: balanced, balanced-group (BALTO), fspo (published peer), token,
-               response (baselines); match_scale: one RMS for the batch
+  6. credit    assign_credit: balanced and balanced-group (BALTO), fspo (published peer), token
+               and response (baselines); match_scale: one RMS for the batch
   7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
-  8. update    train_step, update: AdamW, gradient clipping, dropout off, bf16 where native
+  8. update    build_models (dropout off, the bf16 copy), train_step, update (AdamW, clipping)
   9. evaluate  evaluate: faithfulness, token-F1 informativeness, Q, hallucination, with intervals
  10. report    format_table, render_rollout, step_record (the HTML page: tools/report.py)
  11. main      run, main(argv)
- 12. plumbing  options, errors, device and dtype, loading the policy offline
+ 12. plumbing  command line, errors, device and dtype, loading the policy offline
 
 Run it:
   python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, CPU or GPU
@@ -91,8 +101,8 @@ class Config:
     verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + rules) or rules alone")
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
-    credit: str = option("balanced", "balanced, balanced-group (BALTO) | fspo (published peer) | "
-                                     "token | response (baselines)")
+    credit: str = option("balanced", "balanced | balanced-group (both BALTO) | fspo (published "
+                                     "peer) | token | response (baselines)")
     steps: int = option(60, "number of policy-gradient steps")
     prompts_per_step: int = option(2, "distinct prompts per step")
     group_size: int = option(4, "G: sampled responses per prompt")
@@ -102,9 +112,9 @@ class Config:
     clip_eps: float = option(0.2, "PPO clip range [1 - eps, 1 + eps] of the ratio; it can bind "
                                   "only from the second epoch on (--epochs > 1)")
     kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
-    lam: float = option(0.69, "lambda, the size of the balanced transfer: matched scale divides "
-                              "it out of balanced; in balanced-group it weighs the transfer "
-                              "against the group advantage (the value bench/lam.py gives)")
+    lam: float = option(0.69, "lambda, the size of the balanced transfer (0.69: bench/lam.py). "
+                              "Matched scale divides it out of balanced; in balanced-group it "
+                              "sets the transfer's size relative to the group advantage")
     match_scale: bool = option(True, "divide each batch's credit by its RMS over response "
                                      "tokens, so --lr and --kl-beta mean the same in every mode")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
@@ -122,6 +132,7 @@ class Config:
 
 # ==== 1. Data ===================================================================================
 INSTRUCTION = "Answer the question using only the context. If the context does not say, say so."
+SPLIT_SEED = 1234  # the held-out split's, the same in every run
 
 
 def load_items(path: str) -> list[dict]:
@@ -155,7 +166,7 @@ def split_items(items: list[dict], eval_size: int, path: str) -> tuple[list[dict
         raise BaltoError(f"{path}: {len(items)} item{plural}, but --eval-size {eval_size} needs "
                          f"at least {eval_size + 1} (the held-out prompts plus one to train on)")
     shuffled = items[:]
-    random.Random(1234).shuffle(shuffled)
+    random.Random(SPLIT_SEED).shuffle(shuffled)
     return shuffled[eval_size:], shuffled[:eval_size]
 
 
@@ -191,7 +202,8 @@ class Rollout:
     decode_steps: int = 0  # tokens the sampler drew per row (until every row had ended)
 
     def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
-        """Log-probs of the response rows `rows`, by the fast path: (rows, R); padding reads 0."""
+        """Log-probs of the response rows `rows`, by shared_prompt_logprobs (below): (rows, R);
+        padding reads 0."""
         n = max(1, int(self.mask[rows].sum(-1).max()))  # at least one column, even if all empty
         logp = shared_prompt_logprobs(model, self.prompt_ids, self.prompt_mask,
                                       self.prompt_of[rows], self.response_ids[rows, :n],
@@ -250,7 +262,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
     Rows n*G .. n*G+G-1 answer prompt n and share its cache. One token per step for all rows,
     until every row has emitted EOS (a finished row is filled with EOS). Plain
     softmax(logits / temperature), drawn from `generator` if given: what Hugging Face's generate
-    draws (a test), without its G passes over each prompt.
+    draws (test_sampler_draws_what_hugging_face_generate_draws), without its G passes over each
+    prompt.
     """
     logits, cache = encode_prompts(model, prompt_mask, input_ids=prompt_ids)
     cache.batch_repeat_interleave(group_size)
@@ -282,7 +295,8 @@ class StaticCacheSampler:
     next of its hundreds of kernels. Here the KV cache is transformers' StaticCache (fixed shapes,
     fixed addresses) and the one-token decode step is compiled once per batch shape, on CUDA as
     one CUDA graph (torch.compile's "reduce-overhead"). Temperature and torch.multinomial stay
-    outside the compiled step, so a seed draws what it draws in sample() (a test, in float32).
+    outside the compiled step, so a seed draws what it draws in sample() (in float32:
+    test_static_cache_sampler_draws_what_sample_draws).
     Each prompt is prefilled G times (older static caches cannot repeat rows), and the cache
     length is rounded up to a multiple of CACHE_STEP, so varying prompt lengths compile a few
     shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
@@ -323,6 +337,7 @@ class StaticCacheSampler:
         logits = logits[:, -1]  # (B, V)
         position = attention.sum(-1, keepdim=True)  # (B, 1) where the next token sits
         done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+        cache_kwarg = {cache_argument(type(model)): cache}
         tokens = []
         for t in range(max_new_tokens):
             probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -335,11 +350,10 @@ class StaticCacheSampler:
             attention[:, prompt_length + t] = 1  # in place: the step's input keeps its shape
             if ids.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's output is read
-            cache_argument_name = cache_argument(type(model))
             try:
-                logits = self.step(model, token[:, None], position, attention,
-                                   **{cache_argument_name: cache})
+                logits = self.step(model, token[:, None], position, attention, **cache_kwarg)
             except Exception as err:  # no working compiler here: sample again, step uncompiled
+                # (the generator has moved on, so this one batch draws other numbers)
                 if self.step is decode_step:
                     raise
                 print(f"note: the compiled decode step failed ({type(err).__name__}: "
@@ -363,7 +377,7 @@ def decode_step(model, token: torch.Tensor, position: torch.Tensor, attention: t
     return out.logits[:, -1]
 
 
-def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
+def encode_prompts(model, prompt_mask: torch.Tensor, **ids_or_embeds):
     """Each distinct prompt through the model once.
 
     input_ids (N, P) or inputs_embeds (N, P, H), and mask (N, P) -> the (N, V) logits of each
@@ -372,7 +386,8 @@ def encode_prompts(model, prompt_mask: torch.Tensor, **prompt):
     """
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts no position
     logits, cache = forward_with_cache(model, attention_mask=prompt_mask,
-                                       position_ids=position_ids, logits_to_keep=1, **prompt)
+                                       position_ids=position_ids, logits_to_keep=1,
+                                       **ids_or_embeds)
     return logits[:, -1], cache
 
 
@@ -384,6 +399,14 @@ def forward_with_cache(model, cache=None, **inputs):
         inputs[name] = cache
     out = model(**inputs, use_cache=True)
     return out.logits, getattr(out, name)
+
+
+@functools.cache
+def cache_argument(model_class) -> str:
+    """The name of the KV-cache argument of model_class.forward: past_key_values in transformers
+    5.10, cache in 5.25 (both allowed by requirements.txt). Looked up once per model class."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def completion_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -406,8 +429,9 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     (B, R) right-padded. Row b is the sequence [prompt of b | response b]; one forward pass over it
     gives, at each position, the logits of the next token. Logits are divided by the sampling
     temperature, so the log-probs describe the distribution that was sampled.
-    This is the definition; training calls shared_prompt_logprobs, the same numbers (a test)
-    without passing each prompt through the model once per response.
+    This is the definition; training calls shared_prompt_logprobs, which gives the same numbers
+    (test_shared_prompt_logprobs_and_gradients_equal_the_unshared_computation) without passing
+    each prompt through the model once per response.
     Example: prompt_ids = [[pad, p1, p2]], prompt_mask = [[0, 1, 1]], prompt_of = [0, 0],
              response_ids = [[y1, y2], [z1, z2]]
              -> [[log pi(y1 | p1 p2), log pi(y2 | p1 p2 y1)],
@@ -471,13 +495,16 @@ into over about than then so such which who whom whose what when where why how a
 most less some any each all both has have had do does did done will would can could should may might
 must shall per if while after before up down out off just yet still now here one other another same
 new based according said says answer question context""".split())
-NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "cannot", "without", "except", "n't",
-             "nothing"}
-ABSTENTION = re.compile(  # "the context does not say": an answer, but no claim about the world
-    r"\b(does not|doesn't|do not|don't|did not|didn't|is not|isn't|not)\s+(say|mention|state|"
-    r"specify|provide|include|give|contain|indicate|mentioned|stated|specified|provided|given|"
-    r"available)\b|\bno (information|mention|data|details?)\b|\b(cannot|can't|unable to)\s+"
-    r"(be\s+)?(determine|answer|know|find|say|tell)|\bnot enough information\b", re.I)
+NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "cannot", "without", "except",
+             "nothing"}  # and any word ending in n't
+# "The context does not say": an answer, but no claim about the world. One form a line (re.X).
+ABSTENTION = re.compile(r"""
+    \b(not|doesn't|don't|didn't|isn't) \s+ (say|mention|state|specify|provide|include|give
+        |contain|indicate|mentioned|stated|specified|provided|given|available)\b
+  | \bno\ (information|mention|data|details?)\b
+  | \b(cannot|can't|unable\ to) \s+ (be\s+)? (determine|answer|know|find|say|tell)
+  | \bnot\ enough\ information\b
+""", re.I | re.X)
 NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context
     r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)"
     r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
@@ -496,10 +523,10 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     """
     claims = []
     for start, end in segment(text):
-        unit = text[start:end]
-        if is_abstention(unit) or NOT_A_CLAIM.search(unit):
+        clause = text[start:end]
+        if is_abstention(clause) or NOT_A_CLAIM.search(clause):
             continue
-        concrete = re.search(r"\d", unit) or has_name(unit) or len(content_words(unit)) >= 3
+        concrete = re.search(r"\d", clause) or has_name(clause) or len(content_words(clause)) >= 3
         if concrete:
             claims.append((start, end))
     return claims
@@ -564,6 +591,15 @@ def is_abstention(text: str) -> bool:
 
 
 # ==== 4. Verify =================================================================================
+BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
+
+
+def is_bare_answer(claim: str, question: str) -> bool:
+    """A claim of at most BARE_ANSWER_WORDS words that answers a question: on its own it says
+    nothing about what it is the value of, so it is checked together with the question."""
+    return bool(question) and len(words(claim)) <= BARE_ANSWER_WORDS
+
+
 ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("up", "down"),
             ("increased", "decreased"), ("gain", "loss"), ("higher", "lower"), ("more", "fewer"),
             ("larger", "smaller"), ("before", "after"), ("approved", "rejected"), ("won", "lost"),
@@ -595,8 +631,8 @@ def lexically_grounded(word: str, context_stems: set[str]) -> bool:
 
 
 def normalise_number(token: str) -> str:
-    """Example: "1,400." -> "1400" """
-    return token.replace(",", "").rstrip(".")
+    """Example: "1,400" -> "1400" """
+    return token.replace(",", "")
 
 
 def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
@@ -626,37 +662,41 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
         if lexically_grounded(base, context_stems):
             continue
         if base.isupper() and len(base) >= 2 and base.lower()[:-1] in context_initials:
-            continue  # an acronym of words in the context: CEO <- "chief executive (officer)"
+            # an acronym: all its letters but the last are initials of consecutive context
+            # words (the last is free): CEO <- "chief executive (officer)"
+            continue
         next_is_capital = i + 1 < len(claim_words) and claim_words[i + 1][0].isupper()
         if i > 0 or next_is_capital:
             violations.append(f"name {base}")
     return violations
 
 
-def grounding_violations(context: str, claim: str, clause: str, bare_answer: bool) -> list[str]:
+def grounding_violations(context: str, claim: str, context_clause: str,
+                         bare_answer: bool) -> list[str]:
     """The transparent grounding rules. Any violation makes the claim unsupported.
 
-    clause is the context clause the claim is about (a verifier's best_clause).
+    context_clause is the clause of the context that the claim is about (picked by the verifier).
     - number and name: see ungrounded_numbers_and_names;
     - relevance: a number of the claim that its clause lacks was taken from another part of the
-      context; a bare answer (bare_answer) must find its numbers and names in its clause alone;
+      context;
     - negation: the claim and its clause disagree on negation;
     - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
-    A bare answer ("1974.") states no predicate, so only the first two apply to it.
+    A bare answer ("1974.") states no predicate: it gets the number and name check alone, against
+    its clause instead of the whole context.
     Example: ("It opened in 1974. It has 9 kilns.", "It opened in 9.", "It opened in 1974.",
               False) -> ["number 9 is about another part of the context"]
     """
     if bare_answer:
-        return ungrounded_numbers_and_names(clause, claim)
+        return ungrounded_numbers_and_names(context_clause, claim)
     violations = ungrounded_numbers_and_names(context, claim)
-    clause_numbers = {normalise_number(w) for w in words(clause) if w[0].isdigit()}
+    clause_numbers = {normalise_number(w) for w in words(context_clause) if w[0].isdigit()}
     for word in words(claim):
         number = normalise_number(word)
         if word[0].isdigit() and number not in clause_numbers:
             if f"number {word}" not in violations:  # in the context, but elsewhere
                 violations.append(f"number {word} is about another part of the context")
     claim_lower = [w.lower() for w in words(claim)]
-    clause_lower = [w.lower() for w in words(clause)]
+    clause_lower = [w.lower() for w in words(context_clause)]
     claim_negated = any(w in NEGATIONS or w.endswith("n't") for w in claim_lower)
     clause_negated = any(w in NEGATIONS or w.endswith("n't") for w in clause_lower)
     if claim_negated != clause_negated:
@@ -665,15 +705,6 @@ def grounding_violations(context: str, claim: str, clause: str, bare_answer: boo
         if word in OPPOSITE and OPPOSITE[word] in clause_lower and word not in clause_lower:
             violations.append(f"antonym {word}/{OPPOSITE[word]}")
     return violations
-
-
-BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
-
-
-def is_bare_answer(claim: str, question: str) -> bool:
-    """A claim of at most BARE_ANSWER_WORDS words that answers a question: on its own it says
-    nothing about what it is the value of, so it is checked together with the question."""
-    return bool(question) and len(words(claim)) <= BARE_ANSWER_WORDS
 
 
 def context_clauses(context: str) -> list[str]:
@@ -718,14 +749,14 @@ def word_support(claim: str, token_spans: list[tuple[int, int]], token_match: to
 
 
 class RuleVerifier:
-    """Grounding rules plus lexical coverage, no weights: the tests' verifier, and the floor the
-    encoder verifier builds on."""
+    """Grounding rules plus lexical coverage, no weights: the tests' verifier (--verifier rules).
+    A claim's clause is the one that shares the most words with it."""
 
     name = "rules"
 
     def best_clause(self, clauses: list[str], about: str) -> int:
-        """The number of the clause sharing the most word stems with the content words of
-        `about` (the claim, or a bare answer with its question)."""
+        """The index of the clause sharing the most word stems with the content words of
+        `about` (the claim, or for a bare answer its question)."""
         about_stems = {stem(w) for w in content_words(about)}
         shared = [len(about_stems & {stem(w) for w in words(clause)}) for clause in clauses]
         return shared.index(max(shared))
@@ -759,13 +790,14 @@ class Encoded:
     sentence: torch.Tensor  # (H,) unit vector of the mean token
 
 
-class EncoderVerifier(RuleVerifier):
+class EncoderVerifier:
     """Small-model verifier: a sentence encoder (all-MiniLM-L6-v2) and the grounding rules.
 
     p(supported) is the support of the claim's least-supported content word (word_support): 1
     when the word or its stem is in the context, else its tokens' best cosine to a context token.
     One new detail ("an instant bestseller") fails a claim; a paraphrase ("received" for "won")
-    stays close. The encoder also picks the clause a claim is about: the rules check it there.
+    stays close. The encoder also picks the clause of the context a claim is about (best_clause):
+    the grounding rules check the claim there.
     The context is encoded clause by clause, so a clause's vectors are the same alone and inside
     any context, whatever its length and whatever the tokenizer does with long texts.
     """
@@ -782,7 +814,7 @@ class EncoderVerifier(RuleVerifier):
             reason = str(err).splitlines()[0]
             raise BaltoError(f"cannot load verifier encoder from {path} ({reason})") from None
         self.device = device
-        self.cache: dict[str, tuple] = {}
+        self.context_cache: dict[str, tuple] = {}  # context -> context_vectors(context)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[Encoded]:
@@ -816,17 +848,21 @@ class EncoderVerifier(RuleVerifier):
             encoded.append(Encoded(F.normalize(tokens, dim=-1), spans, sentence))
         return encoded
 
+    def best_clause(self, clause_vectors: torch.Tensor, about: torch.Tensor) -> int:
+        """The index of the clause whose unit vector (C, H) is closest to `about` (H,)."""
+        return int((clause_vectors @ about).argmax())
+
     def context_vectors(self, context: str):
         """(the context's clauses, each clause encoded, their sentence vectors (C, H)),
         computed once per context and kept for the last 512 contexts."""
-        if context not in self.cache:
-            if len(self.cache) >= 512:  # a bound: each long context keeps megabytes of vectors
-                self.cache.pop(next(iter(self.cache)))  # the oldest
+        if context not in self.context_cache:
+            if len(self.context_cache) >= 512:  # a bound: a long context keeps megabytes of vectors
+                self.context_cache.pop(next(iter(self.context_cache)))  # the oldest
             clauses = context_clauses(context)
             encoded = self.encode(clauses)
             sentences = torch.stack([clause.sentence for clause in encoded])  # (C, H)
-            self.cache[context] = (clauses, encoded, sentences)
-        return self.cache[context]
+            self.context_cache[context] = (clauses, encoded, sentences)
+        return self.context_cache[context]
 
     def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
         """p(supported) for each (context, question, claim), the claims encoded in one batch."""
@@ -843,7 +879,7 @@ class EncoderVerifier(RuleVerifier):
                 about = next(question_vectors).sentence
             else:
                 about = claims[i].sentence
-            best = int((clause_vectors @ about).argmax())
+            best = self.best_clause(clause_vectors, about)
             if grounding_violations(context, claim, clauses[best], bare[i]):
                 scores.append(0.0)
                 continue
@@ -884,11 +920,11 @@ def project_labels(offsets: list[tuple[int, int]], claims: list[tuple[int, int]]
         label = NEUTRAL
         if end > start:
             for (claim_start, claim_end), claim_supported in zip(claims, supported):
-                if start < claim_end and end > claim_start:
-                    if claim_supported and label != UNSUPPORTED:
-                        label = SUPPORTED
-                    else:
-                        label = UNSUPPORTED
+                overlaps = start < claim_end and end > claim_start
+                if overlaps and not claim_supported:
+                    label = UNSUPPORTED  # and it stays so
+                elif overlaps and label == NEUTRAL:
+                    label = SUPPORTED
         labels.append(label)
     return labels
 
@@ -903,13 +939,13 @@ class Judgement:
 
 
 def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
-    """Steps 3-5 for a rollout batch (judge_responses)."""
+    """Sections 3-5 (claims, verify, project) for a rollout batch: judge_responses."""
     return judge_responses(verifier, batch.items, batch.texts, batch.offsets, threshold)
 
 
 def judge_responses(verifier, items: list[dict], texts: list[str],
                     offsets: list[list[tuple[int, int]]], threshold: float) -> Judgement:
-    """Steps 3-5: extract claims, verify all of them in one batched call, project them.
+    """Sections 3-5: extract claims, verify all of them in one batched call, project them.
 
     items[i] is the item (context and question) that response texts[i] answers.
     """
@@ -930,7 +966,7 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
 
 
 # ==== 6. Credit =================================================================================
-CREDIT_MODES = ("balanced-group", "balanced", "fspo", "token", "response")
+CREDIT_MODES = ("balanced", "balanced-group", "fspo", "token", "response")
 GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
 NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished
 
@@ -952,7 +988,7 @@ def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
 def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's g_i = (r_i - mean_group(r)) / (std_group(r) + eps): (B,) -> (B,).
 
-    Rows i*G .. i*G+G-1 share a prompt. eps keeps an all-equal group (std 0) at exactly zero.
+    Rows n*G .. n*G+G-1 share prompt n. eps keeps an all-equal group (std 0) at exactly zero.
     Example: rewards [1, 0, 0.5, 0.5], G 2 -> [.707, -.707, 0, 0]
     """
     grouped = rewards.view(-1, group_size)  # (B / G, G)
@@ -984,7 +1020,7 @@ def fspo_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
 
     +|g_i| on supported tokens, -|g_i| on unsupported tokens, g_i on neutral ones: (B, T).
     Token-level but not balanced: a response's total grows with its length.
-    Example: labels [[1, -1, 0], [0, 0, 0]], rewards [0.5, 1], G 2
+    Example: labels [[1, -1, 0], [0, 0, 0]], mask ones(2, 3), rewards [0.5, 1], G 2
              -> [[.707, -.707, -.707], [.707, .707, .707]]
     """
     g = response_credit(rewards, mask, group_size)  # (B, T)
@@ -1015,8 +1051,9 @@ def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: tor
 
     The group advantage is spread evenly over the L_i tokens: response i carries g_i in total,
     beside the balanced transfer. A response that states nothing checkable now loses to a better
-    one of its group; padding still changes no response's total.
-    Example: labels [[1, -1], [0, 0]], rewards [0.5, 1], G 2, lam 1
+    one of its group. Appending neutral tokens spreads g_i thinner, but the response's total
+    stays g_i.
+    Example: labels [[1, -1], [0, 0]], mask ones(2, 2), rewards [0.5, 1], G 2, lam 1
              -> [[.646, -1.354], [.354, .354]]
     """
     length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
@@ -1102,14 +1139,34 @@ class Models:
     sample_fn: object  # sample(), or on CUDA a StaticCacheSampler's sample
 
 
+def build_models(policy, cfg: Config, device) -> Models:
+    """The policy on its device with dropout off, its sampler, the frozen reference, AdamW."""
+    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before any step
+    dtype = pick_dtype(cfg.dtype, device)
+    bf16 = dtype == torch.bfloat16
+    if bf16:  # a bfloat16 copy samples; the float32 policy learns
+        sampler = copy.deepcopy(policy).to(dtype).requires_grad_(False)
+    else:
+        sampler = policy
+    reference = copy.deepcopy(sampler).requires_grad_(False)
+    fused = device.type in ("cpu", "cuda")  # one kernel for the whole step, float32 state
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, fused=fused)
+    if device.type == "cuda":  # kernel launches, not arithmetic, bound a small model's decoding
+        sample_fn = StaticCacheSampler().sample
+    else:
+        sample_fn = sample
+    return Models(policy=policy, sampler=sampler, reference=reference, optimizer=optimizer,
+                  bf16=bf16, sample_fn=sample_fn)
+
+
 @dataclass
 class TokenObjective:
     """What the update minimises for BALTO and its baselines: policy_loss on per-token credit.
 
     This is the seam of the update, where peers/tpo.py and peers/tlpo.py plug in objectives of
     their own. update() asks an objective for what it reads from a model (score, and
-    reference_score for the frozen reference) and for the loss of one micro-batch; the log
-    shows its credit and credit_rms, and beside each token's label its token_logs.
+    reference_score for the frozen reference) and for the loss of one micro-batch. The log
+    records its credit, its credit_rms, and any per-token values in token_logs.
     """
     credit: torch.Tensor  # (B, R) after matched scaling
     credit_rms: float  # its RMS over response tokens before matched scaling (logged)
@@ -1133,7 +1190,11 @@ class TokenObjective:
 
 def token_objective(batch: Rollout, verdict: Judgement, rewards: torch.Tensor, models: Models,
                     tokenizer, verifier, cfg: Config) -> TokenObjective:
-    """BALTO's objective for one batch: --credit on the verifier's labels, matched in scale."""
+    """BALTO's objective for one batch: --credit on the verifier's labels, matched in scale.
+
+    Its arguments are the ones every objective receives; the peers use models, tokenizer and
+    verifier, this one does not.
+    """
     labels = verdict.labels.to(batch.mask.device)
     credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)
     rms = float(credit_rms(credit, batch.mask))
@@ -1181,7 +1242,8 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
 
 
 def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[float, dict]:
-    """cfg.epochs AdamW steps on one rollout batch, in micro-batches of cfg.micro_batch rows.
+    """cfg.epochs AdamW steps on one rollout batch, in micro-batches of cfg.micro_batch rows
+    (run() has turned --micro-batch 0 into a number: with_micro_batch).
 
     The old policy's scores are the policy's own before its first step (epoch 0); the reference's
     are computed once. Gradients of the micro-batches accumulate into one step per epoch, so the
@@ -1217,7 +1279,7 @@ def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[floa
 
 
 def detached(scores):
-    """A tensor, or a tuple of tensors, cut from the graph."""
+    """A tensor, or a tuple of tensors (TPO's scores, peers/tpo.py), cut from the graph."""
     if isinstance(scores, tuple):
         return tuple(score.detach() for score in scores)
     return scores.detach()
@@ -1225,23 +1287,26 @@ def detached(scores):
 
 # ==== 9. Evaluate ===============================================================================
 EVAL_SEED = 2026
+COPY_RUN = 8  # words: a response word inside a run this long that the context also has is copied
 # Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens",
                  "scored", "f1", "recall", "words", "copied", "bare")
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device,
+def evaluate(model, tokenizer, verifier, items: list[dict], cfg: Config, device,
              batch_prompts: int = 8, sample_fn=None) -> dict:
-    """Held-out metrics with 95% bootstrap intervals over prompts, sampled as in training.
+    """Held-out metrics with 95% bootstrap intervals over prompts, sampled as in training (by
+    the sampler: the policy, or its bfloat16 copy).
 
     Its own generator with a fixed seed: every evaluation of every run draws the same numbers
-    (the untrained policy scores the same in every run), and the training stream never moves.
+    (the untrained policy scores the same in every run), and training's random stream is not
+    advanced.
     """
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     per_prompt = []
     for start in range(0, len(items), batch_prompts):
-        batch = rollout(policy, tokenizer, items[start:start + batch_prompts], cfg.eval_samples,
+        batch = rollout(model, tokenizer, items[start:start + batch_prompts], cfg.eval_samples,
                         cfg, device, generator, sample_fn)
         verdict = judge(verifier, batch, cfg.support_threshold)
         lengths = batch.mask.sum(1).tolist()
@@ -1255,7 +1320,7 @@ def evaluate(policy, tokenizer, verifier, items: list[dict], cfg: Config, device
     metrics = {key: float(v) for key, v in held_out_metrics(per_prompt.sum(0)).items()}
     metrics["interval"] = bootstrap_intervals(per_prompt)
     metrics["prompts"] = len(per_prompt)
-    metrics["responses"] = int(per_prompt[:, 0].sum())
+    metrics["responses"] = int(per_prompt[:, PROMPT_COUNTS.index("responses")].sum())
     metrics["per_prompt"] = per_prompt.tolist()  # for paired comparisons (bench/compare.py)
     return metrics
 
@@ -1276,7 +1341,7 @@ def add_response_counts(counts: Counter, item: dict, text: str, n_tokens: int,
             invented = True
     counts["invented"] += invented
     counts["copied"] += copied_words(text, item["context"])
-    counts["bare"] += bool(claims) and len(words(text)) <= BARE_ANSWER_WORDS  # "1974."
+    counts["bare"] += bool(claims) and len(words(text)) <= BARE_ANSWER_WORDS  # a whole "1974."
     scores = informativeness(text, item, n_unsupported)
     if scores is not None:
         counts["scored"] += 1
@@ -1288,8 +1353,8 @@ def informativeness(response: str, item: dict,
                     unsupported_claims: int) -> tuple[float, float] | None:
     """(token F1, key-term recall) of the response against the reference answer; None without one.
 
-    Answerable: SQuAD token F1 (padding lowers its precision, so pasting the context cannot win
-    it), and the share of the reference's key terms in the response (recall alone rewards
+    Answerable: SQuAD token F1 (extra words lower its precision, so pasting the context cannot
+    win it), and the share of the reference's key terms in the response (recall alone rewards
     copying). Unanswerable (the reference abstains): both 1 if the response abstains and asserts
     nothing unsupported, else 0.
     Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon."
@@ -1325,7 +1390,8 @@ def squad_tokens(text: str) -> list[str]:
 
 
 def key_terms(answer: str, question: str) -> set[str]:
-    """Stems of the reference answer's numbers and content words that the question does not give."""
+    """Stems of the reference answer's numbers and content words that the question does not give
+    (all of them, if the question gives every one)."""
     terms = set()
     for word in words(answer):
         if word[0].isdigit() or word.lower() not in STOPWORDS:
@@ -1334,7 +1400,7 @@ def key_terms(answer: str, question: str) -> set[str]:
     return (terms - given) or terms
 
 
-def copied_words(response: str, context: str, n: int = 8) -> int:
+def copied_words(response: str, context: str, n: int = COPY_RUN) -> int:
     """How many of the response's words lie inside a run of n words that the context also has.
 
     Example: copied_words("so it ran from A to B to C today", "it ran from A to B to C", 3) -> 8
@@ -1367,8 +1433,8 @@ def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
             "hallucination_rate": c["hallucinated"] / c["responses"],
             "invented_rate": c["invented"] / c["responses"],
             "response_len": c["tokens"] / c["responses"],
-            "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in 8-word context runs
-            "bare_answer_rate": c["bare"] / c["responses"],  # a claim in 3 words or fewer
+            "copy_rate": c["copied"] / c["words"].clamp(min=1),  # words in copied context runs
+            "bare_answer_rate": c["bare"] / c["responses"],  # whole responses: "1974."
             "claims_per_response": c["claims"] / c["responses"]}
 
 
@@ -1398,11 +1464,12 @@ HELD_OUT_METRICS = [("faithfulness", "faithfulness"),
                     ("  of which a number or name", "invented_rate"),
                     ("response length (tokens)", "response_len"),
                     ("claims per response", "claims_per_response"),
-                    ("copy rate (8-word runs)", "copy_rate"),
-                    ("bare answers (<= 3 words)", "bare_answer_rate")]
-COLOUR_MARKS = ({SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"},  # green, red
-                {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"})
-BRACKET_MARKS = ({SUPPORTED: "[+", UNSUPPORTED: "[-"}, {SUPPORTED: "+]", UNSUPPORTED: "-]"})
+                    (f"copy rate ({COPY_RUN}-word runs)", "copy_rate"),
+                    (f"bare answers (<= {BARE_ANSWER_WORDS} words)", "bare_answer_rate")]
+COLOUR_OPEN = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}  # green, red
+COLOUR_CLOSE = {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"}
+BRACKET_OPEN = {SUPPORTED: "[+", UNSUPPORTED: "[-"}
+BRACKET_CLOSE = {SUPPORTED: "+]", UNSUPPORTED: "-]"}
 
 
 def format_table(before: dict | None, after: dict) -> str:
@@ -1427,7 +1494,10 @@ def with_interval(metrics: dict, key: str) -> str:
 
 def render_rollout(example: dict, colour: bool) -> str:
     """Response text, supported tokens green and unsupported red ([+ +] / [- -] if no terminal)."""
-    opens, closes = COLOUR_MARKS if colour else BRACKET_MARKS
+    if colour:
+        opens, closes = COLOUR_OPEN, COLOUR_CLOSE
+    else:
+        opens, closes = BRACKET_OPEN, BRACKET_CLOSE
     text = example["text"]
     out = []
     cursor = 0
@@ -1527,7 +1597,7 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
     train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
     device = pick_device(cfg.device)
     cfg = with_micro_batch(cfg, device)
-    random.seed(cfg.seed)
+    random.seed(cfg.seed)  # for library code that draws from Python's own stream
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg.model)
     check_context_window(policy, tokenizer, items, cfg.max_new_tokens, cfg.data)
@@ -1536,18 +1606,19 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype_name = "bfloat16" if models.bf16 else "float32"
-    if make_objective is token_objective:
-        method = f"credit {cfg.credit}"
-    else:
+    peer = make_objective is not token_objective  # peers/tpo.py and peers/tlpo.py
+    if peer:
         method = f"objective {make_objective.__name__}"
+    else:
+        method = f"credit {cfg.credit}"
     print(f"policy {cfg.model} on {device} ({dtype_name}); verifier {verifier.name}; {method}; "
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
     with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps all
         config = {"event": "config", **dataclasses.asdict(cfg)}
-        if make_objective is not token_objective:
-            config["objective"] = make_objective.__name__  # a peer's (peers/)
+        if peer:
+            config["objective"] = make_objective.__name__
         log.write(json.dumps(config) + "\n")
         before = None
         if cfg.eval_before:
@@ -1579,26 +1650,6 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
     print(format_table(before, after))
     print(f"saved policy, tokenizer, log.jsonl and metrics.json to {out_dir}")
     return metrics
-
-
-def build_models(policy, cfg: Config, device) -> Models:
-    """The policy on its device with dropout off, its sampler, the frozen reference, AdamW."""
-    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before any step
-    dtype = pick_dtype(cfg.dtype, device)
-    bf16 = dtype == torch.bfloat16
-    if bf16:  # a bfloat16 copy samples; the float32 policy learns
-        sampler = copy.deepcopy(policy).to(dtype).requires_grad_(False)
-    else:
-        sampler = policy
-    reference = copy.deepcopy(sampler).requires_grad_(False)
-    fused = device.type in ("cpu", "cuda")  # one kernel for the whole step, float32 state
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01, fused=fused)
-    if device.type == "cuda":  # kernel launches, not arithmetic, bound a small model's decoding
-        sample_fn = StaticCacheSampler().sample
-    else:
-        sample_fn = sample
-    return Models(policy=policy, sampler=sampler, reference=reference, optimizer=optimizer,
-                  bf16=bf16, sample_fn=sample_fn)
 
 
 def main(argv: list[str] | None = None, make_objective=token_objective) -> dict:
@@ -1695,7 +1746,7 @@ def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: in
     max_position_embeddings is not checked, and the run says so."""
     window = getattr(model.config, "max_position_embeddings", None)
     lengths = [len(ids) for ids in tokenize_prompts(tokenizer, items)["input_ids"]]
-    longest = max(range(len(items)), key=lengths.__getitem__)
+    longest = lengths.index(max(lengths))
     if not window:
         print("note: the policy's config states no context window; prompt lengths are not checked")
     elif lengths[longest] + max_new_tokens > window:
@@ -1797,15 +1848,6 @@ def load_policy(name: str):
     if tokenizer.pad_token is None:  # GPT-2 style: pad with EOS; masks, not pad ids, decide
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-@functools.cache
-def cache_argument(model_class) -> str:
-    """The name of the KV-cache argument of model_class.forward: transformers renamed
-    past_key_values to cache within the versions requirements.txt allows. Looked up once per
-    class, not at every sampled token."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
 #   1. the test suite (its CUDA tests run only here: they skip on a CPU);
 #   2. the default command, python balto.py, timed: wall time, median step and its parts,
 #      decode time per token, response tokens per second, and the held-out table it prints;
-#   3. TRL's GRPOTrainer on the same work with bf16=True, 8 steps, right after: its median step.
+#   3. TRL's GRPOTrainer on the same work with bf16=True, 8 steps, right after: its median step;
+#   4. decoding alone: the eager loop against the static cache and compiled step (bench/sampling.py).
 # It needs balto's requirements with torch's CUDA build, the two model wheels, and for part 3 the
 # packages trl and datasets (without them part 3 is skipped). From the repository root:
 #
-#   bash bench/gpu_check.sh [OUT [PARTS]]     # OUT: runs/gpu; PARTS: "1 2 3"
+#   bash bench/gpu_check.sh [OUT [PARTS]]     # OUT: runs/gpu; PARTS: "1 2 3 4"
 set -uo pipefail
 out=${1:-runs/gpu}
-parts=${2:-1 2 3}
+parts=${2:-1 2 3 4}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python=$(command -v python || command -v python3)
@@ -54,4 +55,9 @@ tokenizer.save_pretrained('$out/smollm2-f32')" > /dev/null 2>&1
 else
   echo "trl or datasets is not installed: skipped"
 fi
+fi
+
+if [[ " $parts " == *" 4 "* ]]; then
+echo "== 4. decoding a token: the eager loop against the static cache and compiled step"
+timeout 150 $python bench/sampling.py 2>&1 | grep -E "ms a token|Error" || echo "bench/sampling.py failed"
 fi
