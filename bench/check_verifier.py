@@ -1,7 +1,7 @@
 """The verifier's accuracy on labelled (context, claim) pairs, per category, beside the trivial verifiers.
 
-    python bench/check_verifier.py ../shared/data/verifier_pairs.jsonl            # balto's MiniLM verifier
-    python bench/check_verifier.py ../shared/data/verifier_pairs.jsonl rules      # the rules alone, no weights
+    python bench/check_verifier.py bench/verifier_pairs.jsonl            # balto's MiniLM verifier
+    python bench/check_verifier.py bench/verifier_pairs.jsonl rules      # the rules alone, no weights
 
 The file is JSONL, one {context, claim, supported, category?, question?} object per line; with a
 question, a bare answer ("1974.") is checked as the answer to it. A claim counts as supported
@@ -38,9 +38,10 @@ def check_verifier(verifier, pairs: list[dict], path: str,
         correct.setdefault("overall", []).append(hit)
     positives = sum(bool(p["supported"]) for p in pairs) / len(pairs)
     print(f"verifier {verifier.name} on {path} ({len(pairs)} pairs, threshold {threshold})")
-    print(f"{'category':<16}{'n':>4}{'accuracy':>10}")
+    width = max(len(category) for category in correct) + 2
+    print(f"{'category':<{width}}{'n':>4}{'accuracy':>10}")
     for category, hits in sorted(correct.items(), key=lambda kv: kv[0] == "overall"):
-        print(f"{category:<16}{len(hits):>4}{sum(hits) / len(hits):>10.3f}")
+        print(f"{category:<{width}}{len(hits):>4}{sum(hits) / len(hits):>10.3f}")
     print(f"trivial: always supported {positives:.3f}, always unsupported {1 - positives:.3f}")
     return {category: sum(hits) / len(hits) for category, hits in correct.items()}
 
