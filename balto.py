@@ -273,9 +273,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens = []
     for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        token = token.masked_fill(done, eos_id)  # (B,)
+        token = draw(logits, temperature, done, eos_id, generator)  # (B,)
         tokens.append(token)
         done |= token == eos_id
         if done.all():
@@ -340,9 +338,7 @@ class StaticCacheSampler:
         cache_kwarg = {cache_argument(type(model)): cache}
         tokens = []
         for t in range(max_new_tokens):
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            token = token.masked_fill(done, eos_id)  # (B,)
+            token = draw(logits, temperature, done, eos_id, generator)  # (B,)
             tokens.append(token)
             done |= token == eos_id
             if done.all():
@@ -375,6 +371,15 @@ def decode_step(model, token: torch.Tensor, position: torch.Tensor, attention: t
     out = model(input_ids=token, attention_mask=attention, position_ids=position, use_cache=True,
                 **cache)
     return out.logits[:, -1]
+
+
+def draw(logits: torch.Tensor, temperature: float, done: torch.Tensor, eos_id: int,
+         generator: torch.Generator | None) -> torch.Tensor:
+    """One token for every row from softmax(logits / temperature), EOS for a row already done:
+    (B, V), (B,) -> (B,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token.masked_fill(done, eos_id)
 
 
 def encode_prompts(model, prompt_mask: torch.Tensor, **ids_or_embeds):
@@ -1653,8 +1658,18 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
 
 
 def main(argv: list[str] | None = None, make_objective=token_objective) -> dict:
-    """The command line: python balto.py [--option value ...]; see --help."""
+    """The command line: python balto.py [--option value ...]; see --help.
+
+    A peer's objective (peers/tpo.py, peers/tlpo.py) sets the credit it trains with, if any, as
+    its `credit` attribute; --credit is refused there.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if make_objective is not token_objective:
+            if any(arg.startswith("--credit") for arg in argv):
+                raise BaltoError(f"--credit does not apply to {make_objective.__name__}")
+            if getattr(make_objective, "credit", None):
+                argv = ["--credit", make_objective.credit, *argv]
         return run(parse_args(argv), make_objective)
     except BaltoError as err:
         print(f"balto: error: {err}", file=sys.stderr)

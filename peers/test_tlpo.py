@@ -140,4 +140,4 @@ def test_tlpo_runs_in_balto_loop(tiny_dir, tmp_path):
 def test_tlpo_refuses_a_credit_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tlpo.main(["--credit", "token"])
-    assert exit_info.value.code == 2 and "--credit does not apply" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--credit does not apply to" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_tpo_runs_in_balto_loop_and_logs_s_beside_the_labels(tiny_dir, tmp_path)
 def test_tpo_refuses_a_credit_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tpo.main(["--credit", "balanced"])
-    assert exit_info.value.code == 2 and "--credit does not apply" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--credit does not apply to" in capsys.readouterr().err
 
 
 def test_the_report_shows_s_beside_the_labels(tiny_dir, tmp_path):

@@ -215,12 +215,8 @@ def tlpo_objective(batch: balto.Rollout, verdict: balto.Judgement, rewards: torc
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """python peers/tlpo.py [options]: balto.py's loop and options, TLPO's objective."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg.startswith("--credit") for arg in argv):
-        print("tlpo: error: --credit does not apply: TLPO trains the error positions only",
-              file=sys.stderr)
-        raise SystemExit(2)
+    """python peers/tlpo.py [options]: balto.py's loop and options (not --credit),
+    TLPO's objective."""
     return balto.main(argv, make_objective=tlpo_objective)
 
 

@@ -127,14 +127,13 @@ def tpo_objective(batch: balto.Rollout, verdict: balto.Judgement, rewards: torch
                         token_logs={"s": torch.zeros_like(credit)})
 
 
+tpo_objective.credit = "response"  # its credit is GRPO's g_i: groups of G >= 2
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """python peers/tpo.py [options]: balto.py's loop and options, TPO's objective."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg.startswith("--credit") for arg in argv):
-        print("tpo: error: --credit does not apply: TPO's credit is the group advantage g_i",
-              file=sys.stderr)
-        raise SystemExit(2)
-    return balto.main(["--credit", "response", *argv], make_objective=tpo_objective)
+    """python peers/tpo.py [options]: balto.py's loop and options (not --credit),
+    TPO's objective."""
+    return balto.main(argv, make_objective=tpo_objective)
 
 
 if __name__ == "__main__":
