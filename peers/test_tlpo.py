@@ -122,6 +122,17 @@ def test_tlpo_loss_of_a_micro_batch_is_its_share_of_a_naive_loop():
     torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(naive, logp)[0])
 
 
+def test_a_batch_without_errors_trains_nothing_and_logs_zeros():
+    empty = torch.zeros((0, 16))
+    objective = tlpo.TLPOObjective(error_rows=torch.zeros(0, dtype=torch.long), prefix_ids=None, prefix_mask=None,
+                                   candidates=None, advantages=empty, n_pairs=0, credit=None, credit_rms=0.0,
+                                   temperature=1.0, clip_eps=0.2, kl_beta=0.1)
+    logp = torch.zeros((0, 16), requires_grad=True)
+    loss, stats = objective.loss(logp, logp.detach(), logp.detach(), slice(0, 8))
+    loss.backward()
+    assert float(loss) == 0.0 and stats == {"kl": 0.0, "clipfrac": 0.0}
+
+
 def test_tlpo_runs_in_balto_loop(tiny_dir, tmp_path):
     smoke = SMOKE[:]
     smoke[smoke.index("--max-new-tokens") + 1] = "16"  # long enough for claims and errors

@@ -169,8 +169,9 @@ class TLPOObjective:
 
     def loss(self, logp, old_logp, ref_logp, rows: slice) -> tuple[torch.Tensor, dict]:
         advantages = self.advantages[self.in_rows(rows)]  # (E_rows, K)
+        n_pairs = torch.tensor(float(max(self.n_pairs, 1)))  # no pairs at all: 0, not 0 / 0
         return balto.policy_loss(logp, old_logp, ref_logp, advantages, torch.ones_like(advantages),
-                                 self.clip_eps, self.kl_beta, torch.tensor(float(self.n_pairs)))
+                                 self.clip_eps, self.kl_beta, n_pairs)
 
     def in_rows(self, rows: slice) -> torch.Tensor:
         """(E,) which error positions belong to the response rows `rows`."""
