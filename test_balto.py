@@ -592,8 +592,9 @@ def test_a_claim_beside_a_question_is_still_a_claim():
     assert balto.extract_claims("Answer: Maria Lopez introduced it.") != []
 
 
-# Real rollouts, verbatim, from the logs of v2's comparison (bench/results/v2/RUN/log.jsonl.gz, the step
-# in the comment): questions asked back and talk about the question, beside the claims they come with.
+# Real rollouts, verbatim, from the logs of v2's comparison (run and step in the comment; the logs are in
+# git: `git show c1ed8dd:bench/results/v2/RUN/log.jsonl.gz`): questions asked back and talk about the
+# question, beside the claims they come with.
 @pytest.mark.parametrize("text, claims", [
     ("When do Tallis Logistics' first electric trucks arrive?", []),  # fspo-s1, step 14
     ("The question is about Tallis Logistics' decision to implement electric vehicles in 2025.",
