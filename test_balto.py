@@ -82,24 +82,24 @@ def tiny_batch(tokenizer, n_prompt=5, n_response=6, batch=3, seed=0):
 # ================================================================================================
 # 6. Credit
 # ================================================================================================
-def test_balanced_credit_moves_plus_and_minus_lambda_per_response():
+def test_balanced_credit_moves_plus_and_minus_one_per_response():
     labels = torch.tensor([[1, 1, -1, 0, 1, 0], [-1, -1, -1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    credit = balto.balanced_credit(labels, mask, lam=0.7)
+    credit = balto.balanced_credit(labels, mask)
     up, down = credit.clamp(min=0).sum(-1), credit.clamp(max=0).sum(-1)
-    torch.testing.assert_close(up, torch.tensor([0.7, 0.0, 0.7, 0.0]))
-    torch.testing.assert_close(down, torch.tensor([-0.7, -0.7, 0.0, 0.0]))
+    torch.testing.assert_close(up, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(down, torch.tensor([-1.0, -1.0, 0.0, 0.0]))
     assert torch.all(credit[labels == 0] == 0) and torch.all(credit[mask == 0] == 0)
     # supported tokens of one response share equally
-    torch.testing.assert_close(credit[0, [0, 1, 4]], torch.full((3,), 0.7 / 3))
+    torch.testing.assert_close(credit[0, [0, 1, 4]], torch.full((3,), 1 / 3))
 
 
 def test_balanced_credit_is_invariant_to_appending_neutral_tokens():
     labels = torch.tensor([[1, -1, 1, -1, -1]])
     mask = torch.ones_like(labels)
-    short = balto.balanced_credit(labels, mask, lam=1.0)
+    short = balto.balanced_credit(labels, mask)
     padded_labels = torch.cat([labels, torch.zeros(1, 7, dtype=torch.long)], 1)
-    longer = balto.balanced_credit(padded_labels, torch.ones_like(padded_labels), lam=1.0)
+    longer = balto.balanced_credit(padded_labels, torch.ones_like(padded_labels))
     torch.testing.assert_close(longer[:, :5], short)
     assert torch.all(longer[:, 5:] == 0)
 
@@ -114,10 +114,10 @@ def test_balanced_credit_matches_a_naive_loop():
         n_minus = sum(1 for t in range(11) if mask[i, t] and labels[i, t] == -1)
         for t in range(11):
             if mask[i, t] and labels[i, t] == 1:
-                expected[i, t] = 2.0 / n_plus
+                expected[i, t] = 1.0 / n_plus
             elif mask[i, t] and labels[i, t] == -1:
-                expected[i, t] = -2.0 / n_minus
-    torch.testing.assert_close(balto.balanced_credit(labels, mask, lam=2.0), expected)
+                expected[i, t] = -1.0 / n_minus
+    torch.testing.assert_close(balto.balanced_credit(labels, mask), expected)
 
 
 def test_token_credit_is_the_masked_label():
@@ -212,9 +212,11 @@ def test_match_scale_makes_the_rms_one_and_keeps_every_ratio():
         ratio = scaled[nonzero] / raw[nonzero]  # one positive scalar for the whole batch
         torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
         assert float(ratio[0]) > 0 and torch.all(scaled[~nonzero] == 0)
-    # lambda is a pure scale of balanced credit, so matched scale makes it irrelevant there
-    torch.testing.assert_close(balto.match_scale(balto.balanced_credit(labels, mask, 0.5), mask),
-                               balto.match_scale(balto.balanced_credit(labels, mask, 4.0), mask))
+    # --lam acts in balanced-group alone: every other mode's credit is the same at any lam
+    for mode in balto.CREDIT_MODES:
+        same = torch.equal(balto.assign_credit(mode, labels, mask, rewards, 4, 0.5),
+                           balto.assign_credit(mode, labels, mask, rewards, 4, 4.0))
+        assert same == (mode != "balanced-group"), mode
     zeros = torch.zeros(2, 3)
     assert torch.all(balto.match_scale(zeros, torch.ones(2, 3)) == 0)  # nothing to scale: no nan
 
@@ -348,7 +350,7 @@ def test_sampler_draws_what_hugging_face_generate_draws(tiny):
     model, tokenizer = tiny
     prompt_ids, prompt_mask, *_ = grouped_batch(tokenizer)
     torch.manual_seed(7)
-    ours = balto.sample(model, prompt_ids, prompt_mask, 3, temperature=0.7, max_new_tokens=12,
+    ours, _ = balto.sample(model, prompt_ids, prompt_mask, 3, temperature=0.7, max_new_tokens=12,
                         eos_id=tokenizer.eos_token_id)
     torch.manual_seed(7)
     theirs = model.generate(input_ids=prompt_ids.repeat_interleave(3, 0),
@@ -392,7 +394,7 @@ def test_static_cache_sampler_draws_what_sample_draws(tiny, monkeypatch, archite
     prompt_ids, prompt_mask, *_ = grouped_batch(tiny[1])
     prompt_ids = prompt_ids % 300  # inside both vocabularies
     draws = recorded_draws(monkeypatch)
-    eager = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
+    eager, eager_logp = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
     eager_draws = draws[:]
     draws.clear()
     if compiled:
@@ -400,7 +402,7 @@ def test_static_cache_sampler_draws_what_sample_draws(tiny, monkeypatch, archite
         sampler = balto.StaticCacheSampler(lambda f: torch.compile(f, backend="eager", fullgraph=True))
     else:
         sampler = balto.StaticCacheSampler(lambda f: f)
-    static = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
+    static, static_logp = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 20, 299, torch.Generator().manual_seed(3))
     assert static.shape == (6, 20) and torch.equal(static, eager)
     assert len(draws) == len(eager_draws) == 20
     for ours, theirs in zip(draws, eager_draws):
@@ -424,7 +426,7 @@ def test_static_cache_sampler_compiles_a_bounded_number_of_shapes():
         length = int(torch.randint(5, 61, (1,), generator=g))
         n_prompts = 1 + batch % 2
         prompt_ids = torch.randint(3, 300, (n_prompts, length), generator=g)
-        out = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 8, 2, g)
+        out, _ = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 8, 2, g)
         assert out.shape[0] == 2 * n_prompts
     assert len(compilations) == 2 and len(sampler.caches) == 2
 
@@ -441,10 +443,10 @@ def test_cuda_graph_sampler_draws_what_sample_draws_on_the_gpu():
     prompt_ids = torch.randint(3, 300, (2, 9), generator=g).cuda()
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[1, :3] = 0
-    eager = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
+    eager, eager_logp = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
     sampler = balto.StaticCacheSampler()
     for _ in range(2):  # the second call replays the recorded graph
-        static = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
+        static, _ = sampler.sample(model, prompt_ids, prompt_mask, 3, 0.7, 24, 2, torch.Generator("cuda").manual_seed(3))
         assert torch.equal(static, eager)
 
 
@@ -468,7 +470,7 @@ def test_a_failing_compiler_falls_back_to_the_uncompiled_step(capsys):
     model = tiny_llama()
     prompt_ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
     sampler = balto.StaticCacheSampler(broken)
-    out = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 5, 2, torch.Generator())
+    out, _ = sampler.sample(model, prompt_ids, torch.ones_like(prompt_ids), 2, 1.0, 5, 2, torch.Generator())
     assert out.shape == (2, 5) and sampler.step is balto.decode_step
     assert "sampling without compilation" in capsys.readouterr().out
 
@@ -491,11 +493,66 @@ def test_sampler_fills_a_finished_row_with_eos_and_stops_when_all_are_done(tiny)
     model_eos.lm_head.weight.copy_(model.lm_head.weight)
     model_eos.lm_head.bias.zero_()[eos] = 5.0
     torch.manual_seed(0)
-    out = balto.sample(model_eos, prompt_ids, prompt_mask, 3, 1.0, 50, eos)
+    out, _ = balto.sample(model_eos, prompt_ids, prompt_mask, 3, 1.0, 50, eos)
     mask = balto.completion_mask(out, eos)
     assert len(set(mask.sum(1).tolist())) > 1  # the rows did end at different steps
     assert torch.all(out[mask == 0] == eos)  # after its first EOS a row holds EOS only
     assert out.shape[1] < 50 and bool((out[:, -1] == eos).all())  # stopped as soon as every row had ended
+
+
+def test_sampler_log_probs_are_the_log_softmax_of_the_drawn_tokens(tiny):
+    model, tokenizer = tiny
+    prompt_ids, prompt_mask, prompt_of, *_ = grouped_batch(tokenizer)
+    ids, logp = balto.sample(model, prompt_ids, prompt_mask, 3, 0.7, 6, -1, torch.Generator().manual_seed(0))
+    ids = ids.clone()  # out of inference mode
+    with torch.no_grad():
+        expected = balto.token_logprobs(model, prompt_ids, prompt_mask, prompt_of, ids, torch.ones_like(ids), 0.7)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_spans_by_hand_and_on_ids_that_re_encoding_would_not_give(tiny):
+    """The update scores the sampled ids: each one's span comes from decoding, not from re-encoding the text."""
+    _, tokenizer = tiny
+    text = "Lake Baikal holds 23 percent."
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    decoded, spans = balto.token_spans(tokenizer, canonical + [eos])
+    assert decoded == text and spans[-1] == (len(text), len(text))  # EOS covers nothing: neutral
+    assert [decoded[a:b] for a, b in spans[:-1]] == [tokenizer.decode([i]) for i in canonical]
+    byte_level = "".join(tokenizer.convert_ids_to_tokens(canonical))
+    one_per_byte = [tokenizer.convert_tokens_to_ids(c) for c in byte_level]  # the same text, other ids
+    assert one_per_byte != canonical and tokenizer.decode(one_per_byte) == text
+    decoded, spans = balto.token_spans(tokenizer, one_per_byte)
+    assert decoded == text and spans == [(k, k + 1) for k in range(len(text))]
+    # a character of two bytes: the byte that completes it covers it, the first byte covers nothing
+    accented = [tokenizer.convert_tokens_to_ids(c) for c in "".join(tokenizer.convert_ids_to_tokens(
+        tokenizer("é", add_special_tokens=False)["input_ids"]))]
+    assert len(accented) == 2 and balto.token_spans(tokenizer, accented) == ("é", [(0, 0), (0, 1)])
+
+
+def test_rollout_trains_on_the_sampled_ids_even_where_re_encoding_differs(tiny):
+    model, tokenizer = tiny
+    text = "Lake Baikal holds 23 percent."
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    one_per_byte = [tokenizer.convert_tokens_to_ids(c) for c in "".join(tokenizer.convert_ids_to_tokens(canonical))]
+    eos = tokenizer.eos_token_id
+
+    def fixed_sample(model, prompt_ids, prompt_mask, group_size, temperature, max_new_tokens, eos_id, generator):
+        ids = torch.tensor([one_per_byte + [eos, eos], canonical + [eos] * (len(one_per_byte) - len(canonical) + 2)])
+        return ids, -torch.ones(ids.shape)
+
+    items = [{"context": text, "question": "How much?", "id": "x"}]
+    cfg = balto.Config(max_new_tokens=64)
+    batch = balto.rollout(model, tokenizer, items, 2, cfg, torch.device("cpu"), sample_fn=fixed_sample)
+    assert batch.response_ids[0, :len(one_per_byte)].tolist() == one_per_byte  # not re-encoded
+    assert batch.mask.sum(1).tolist() == [len(one_per_byte) + 1, len(canonical) + 1]  # up to the first EOS
+    assert batch.texts == [text, text] and batch.finished == [True, True]
+    verdict = balto.judge(balto.RuleVerifier(), batch, 0.35)
+    for row in range(2):  # each row's labels cover the claim's characters, whichever ids carry them
+        n = int(batch.mask[row].sum())
+        labelled = "".join(text[a:b] for (a, b), lab in zip(batch.offsets[row], verdict.labels[row, :n]) if lab != 0)
+        assert labelled == text
+    assert float(batch.sampler_logprobs[0, len(one_per_byte) + 1]) == 0  # off the mask
 
 
 def test_completion_mask_keeps_the_first_eos_and_nothing_after():
@@ -543,7 +600,7 @@ def test_one_balanced_update_raises_supported_and_lowers_unsupported_tokens(tiny
     batch = tiny_batch(tokenizer, n_prompt=4, n_response=8, batch=1, seed=3)
     labels = torch.tensor([[0, 1, 1, 1, -1, -1, 0, 0]])
     mask = torch.ones_like(labels)
-    credit = balto.balanced_credit(labels, mask, lam=1.0)
+    credit = balto.balanced_credit(labels, mask)
     before = balto.token_logprobs(policy, *batch, 1.0).detach()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     logp = balto.token_logprobs(policy, *batch, 1.0)
@@ -1113,7 +1170,7 @@ def test_help_lists_every_config_field_with_its_text(capsys):
     for f in dataclasses.fields(balto.Config):
         assert "--" + f.name.replace("_", "-") in text
         assert " ".join(f.metadata["help"].split())[:40] in text, f.name
-    assert "--no-match-scale" in text and "--no-eval-before" in text
+    assert "--no-eval-before" in text
 
 
 SMOKE = ["--verifier", "rules", "--dtype", "float32", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
@@ -1187,21 +1244,17 @@ def test_evaluation_has_its_own_seed_and_can_be_skipped_before_training(tiny_dir
         assert low <= first["after"][key] <= high
 
 
-def test_matched_scale_is_on_by_default_and_can_be_turned_off(tiny_dir, tmp_path):
-    assert balto.parse_args([]).match_scale and not balto.parse_args(["--no-match-scale"]).match_scale
-    for flag in ("--match-scale", "--no-match-scale"):
-        out = tmp_path / flag
-        balto.main(["--model", str(tiny_dir), "--output-dir", str(out), "--credit", "token", flag, *SMOKE])
-        steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][2:-1]
-        for record in steps:
-            credit = torch.tensor(record["example"]["credit"])
-            labels = torch.tensor(record["example"]["labels"]).float()
-            if flag == "--no-match-scale":  # token credit is the label itself
-                torch.testing.assert_close(credit, labels)
-            elif labels.abs().sum() > 0:  # one positive scalar times the label
-                ratio = credit[labels != 0] / labels[labels != 0]
-                torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-4, rtol=1e-3)
-                assert record["credit_rms"] > 0
+def test_the_logged_credit_is_the_label_times_one_positive_scalar_under_token_credit(tiny_dir, tmp_path):
+    """Matched scale, always on: token credit arrives in the log as the label times the batch's 1 / RMS."""
+    balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), "--credit", "token", *SMOKE])
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][2:-1]
+    for record in steps:
+        credit = torch.tensor(record["example"]["credit"])
+        labels = torch.tensor(record["example"]["labels"]).float()
+        if labels.abs().sum() > 0:
+            ratio = credit[labels != 0] / labels[labels != 0]
+            torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-4, rtol=1e-3)
+            assert record["credit_rms"] > 0
 
 
 def interrupt_at_step_two(monkeypatch):

@@ -42,7 +42,7 @@ def main(data: str) -> None:
         rewards = balto.response_rewards(verdict.supported)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
-        transfer = balto.balanced_credit(labels, mask, 1.0)  # balanced-group's other part, at lam 1
+        transfer = balto.balanced_credit(labels, mask)  # balanced-group's other part, at lam 1
         group_sq += float((group * mask).pow(2).sum())
         transfer_sq += float((transfer * mask).pow(2).sum())
     lam = math.sqrt(group_sq / transfer_sq)

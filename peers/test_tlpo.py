@@ -48,7 +48,8 @@ def rollout_with_errors(tiny):
     items = [{"context": "The bridge has 12 lanes.", "question": "How many lanes?", "id": str(i)} for i in range(6)]
     return balto.Rollout(items=items, texts=[""] * 6, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                          prompt_of=prompt_of, response_ids=response_ids, mask=response_mask,
-                         offsets=[[] for _ in range(6)], finished=[True] * 6)
+                         offsets=[[] for _ in range(6)], finished=[True] * 6,
+                         sampler_logprobs=torch.zeros(response_ids.shape))
 
 
 def test_the_error_position_scores_what_balto_scores_there(tiny):

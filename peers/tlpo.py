@@ -167,6 +167,9 @@ class TLPOObjective:
 
     reference_score = score
 
+    def response_logprobs(self, scores) -> None:
+        return None  # candidates at error positions, not the sampled tokens: no drift to log
+
     def loss(self, logp, old_logp, ref_logp, rows: slice) -> tuple[torch.Tensor, dict]:
         advantages = self.advantages[self.in_rows(rows)]  # (E_rows, K)
         n_pairs = torch.tensor(float(max(self.n_pairs, 1)))  # no pairs at all: 0, not 0 / 0
@@ -204,8 +207,7 @@ def tlpo_objective(batch: balto.Rollout, verdict: balto.Judgement, rewards: torc
     advantages = tlpo_advantages(p.cpu(), rewards_j).to(device)  # (E, K)
     pairs = torch.ones_like(advantages)
     rms = float(balto.credit_rms(advantages, pairs))
-    if cfg.match_scale:
-        advantages = balto.match_scale(advantages, pairs)
+    advantages = balto.match_scale(advantages, pairs)
     for e, (row, t) in enumerate(errors):
         sampled = candidates[e] == batch.response_ids[row, t]
         credit[row, t] = advantages[e][sampled].sum()  # 0 if the sampled token is no candidate

@@ -94,6 +94,9 @@ class TPOObjective:
     def reference_score(self, model, batch: balto.Rollout, rows: slice) -> torch.Tensor:
         return batch.logprobs(model, rows, self.temperature)  # the KL needs no weights
 
+    def response_logprobs(self, scores) -> torch.Tensor:
+        return scores[0]  # with the context: the distribution that sampled
+
     def loss(self, scores, old_scores, ref_logp, rows: slice) -> tuple[torch.Tensor, dict]:
         logp, free = scores
         old_logp, old_free = old_scores
@@ -114,8 +117,7 @@ def tpo_objective(batch: balto.Rollout, verdict: balto.Judgement, rewards: torch
     g = balto.group_advantage(rewards, cfg.group_size)  # (B,)
     credit = balto.response_credit(rewards, batch.mask, cfg.group_size)  # (B, R)
     rms = float(balto.credit_rms(credit, batch.mask))
-    if cfg.match_scale:
-        credit = balto.match_scale(credit, batch.mask)
+    credit = balto.match_scale(credit, batch.mask)
     distinct = batch.items[::cfg.group_size]  # rows n*G .. n*G+G-1 answer prompt n
     tokenizer.padding_side = "left"
     free = balto.tokenize_prompts(tokenizer, without_context(distinct), return_tensors="pt",

@@ -34,8 +34,8 @@ def batch(token_level_rewards, extra=None):
 
 def test_verl_compute_advantage_with_the_registered_estimators_equals_balto_credit():
     verl_compute_advantage = ray_trainer.compute_advantage.__wrapped__  # verl's own, labels already in place
-    out = verl_compute_advantage(batch(LABELS * MASK), adv_estimator="balto", config=AlgoConfig(lam=2.0))
-    torch.testing.assert_close(out.batch["advantages"], balto.balanced_credit(LABELS, MASK, 2.0))
+    out = verl_compute_advantage(batch(LABELS * MASK), adv_estimator="balto", config=AlgoConfig())
+    torch.testing.assert_close(out.batch["advantages"], balto.balanced_credit(LABELS, MASK))
     out = verl_compute_advantage(batch(LABELS * MASK), adv_estimator="balto_token", config=AlgoConfig())
     torch.testing.assert_close(out.batch["advantages"], balto.token_credit(LABELS, MASK))
 
@@ -49,8 +49,8 @@ def test_labels_in_reward_extra_info_reach_the_estimator_and_scores_stay_the_rew
     strings = np.array([" ".join(str(v) for v in row[:int(n)].tolist()) for row, n in zip(LABELS, MASK.sum(-1))],
                        dtype=object)
     data = batch(scalar, {"balto_labels": strings})
-    out = ray_trainer.compute_advantage(data, adv_estimator="balto", config=AlgoConfig(lam=2.0))
-    torch.testing.assert_close(out.batch["advantages"], balto.balanced_credit(LABELS, MASK, 2.0))
+    out = ray_trainer.compute_advantage(data, adv_estimator="balto", config=AlgoConfig())
+    torch.testing.assert_close(out.batch["advantages"], balto.balanced_credit(LABELS, MASK))
     # verl's own GRPO on the same batch ignores the labels and sees r_i; it equals balto's response credit
     # up to the constant that keeps a flat group at zero (verl 1e-6, balto 1e-4)
     grpo = ray_trainer.compute_advantage(batch(scalar, {"balto_labels": strings}), adv_estimator="grpo",
@@ -81,7 +81,7 @@ def losses_and_grads(ratio_spread, seed=0):
     old_logp = -torch.rand(4, 6, generator=g) * 3
     logp = (old_logp + (torch.rand(4, 6, generator=g) - 0.5) * ratio_spread).requires_grad_()
     ref_logp = old_logp + (torch.rand(4, 6, generator=g) - 0.5)
-    advantages = balto.balanced_credit(LABELS, MASK, 2.0) + 0.3 * torch.randn(4, 6, generator=g) * MASK
+    advantages = balto.balanced_credit(LABELS, MASK) + 0.3 * torch.randn(4, 6, generator=g) * MASK
     ours, _ = balto.policy_loss(logp, old_logp, ref_logp, advantages, MASK, clip_eps=0.2, kl_beta=0.05)
     theirs = verl_loss(logp, old_logp, ref_logp, advantages, MASK.float(), kl_coef=0.05)
     return ours, theirs, torch.autograd.grad(ours, logp)[0], torch.autograd.grad(theirs, logp)[0]
@@ -125,14 +125,13 @@ RESPONSES = ["Vantor Steel cut 1,400 jobs in 2023. The cuts were made in Graz.",
 
 
 def balto_labels(tokenizer, text):
-    """balto.py's own path: rollout()'s re-encoding with offsets, then judge()."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"] + [tokenizer.eos_token_id]
-    offsets = [tuple(s) for s in enc["offset_mapping"]] + [(len(text), len(text))]
+    """balto.py's own path: rollout()'s spans of the sampled ids, then judge()."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    text, offsets = balto.token_spans(tokenizer, ids)
     rollout = balto.Rollout(items=[{"context": CONTEXT, "question": QUESTION}], texts=[text], prompt_ids=torch.zeros(1, 1, dtype=torch.long),
                             prompt_mask=torch.ones(1, 1, dtype=torch.long), prompt_of=torch.zeros(1, dtype=torch.long),
                             response_ids=torch.tensor([ids]), mask=torch.ones(1, len(ids), dtype=torch.long),
-                            offsets=[offsets], finished=[True])
+                            offsets=[offsets], finished=[True], sampler_logprobs=torch.zeros(1, len(ids)))
     verdict = balto.judge(balto.RuleVerifier(), rollout, balto.Config.support_threshold)
     return ids, verdict.labels[0].tolist(), float(balto.response_rewards(verdict.supported)[0])
 
@@ -146,12 +145,12 @@ def test_reward_manager_labels_equal_balto_judge(tokenizer, text):
     assert any(labels) or text == "Thanks!"  # the first two have claims, so the comparison is not all zeros
 
 
-def test_offsets_fall_back_to_prefix_decoding_when_re_encoding_differs(tokenizer):
+def test_spans_of_ids_that_re_encoding_would_not_give(tokenizer):
     text = RESPONSES[0]  # ASCII: one byte per character
     byte_level = "".join(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))
     ids = [tokenizer.convert_tokens_to_ids(c) for c in byte_level]  # one token per byte: the same text, other ids
     assert tokenizer.decode(ids) == text and ids != tokenizer(text)["input_ids"]
-    assert verl_balto.token_offsets(tokenizer, ids, text) == [(k, k + 1) for k in range(len(text))]
+    assert balto.token_spans(tokenizer, ids) == (text, [(k, k + 1) for k in range(len(text))])
 
 
 def test_reward_manager_run_single_returns_r_i_and_the_labels(tokenizer):

@@ -6,9 +6,8 @@ processes when `VERL_USE_EXTERNAL_MODULES=scale.verl_balto` is set (README "Scal
 
 - Advantage estimators `balto` (balanced credit, `balto.balanced_credit`) and `balto_token` (the
   unbalanced baseline, `balto.token_credit`), chosen with `algorithm.adv_estimator=balto`. They read the
-  token labels (+1 / 0 / -1) from `token_level_rewards`; BALTO's lambda is `algorithm.lam` (verl's GAE
-  lambda, which these estimators do not otherwise use). The response-level baseline is verl's own `grpo`
-  with the reward below.
+  token labels (+1 / 0 / -1) from `token_level_rewards`. The response-level baseline is verl's own
+  `grpo` with the reward below.
 - Reward manager `balto` (`reward.reward_manager.name=balto`): for each response, balto's claims ->
   verifier -> projection onto the response's own token ids; its reward_score is balto's response reward
   r_i, and the labels ride along in reward_extra_info["balto_labels"].
@@ -39,34 +38,14 @@ ESTIMATORS = ("balto", "balto_token")
 # ------------------------------------------------------------------------------------------------
 # Labels: balto's steps 3-5 on the token ids verl sampled
 # ------------------------------------------------------------------------------------------------
-def token_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """Character span in `text` (the ids decoded without special tokens) of each id; special tokens get (0, 0).
-
-    Re-encoding the text with offsets gives the spans when it yields the same ids (nearly always for BPE);
-    otherwise each token's span is read off by decoding growing prefixes (slower; where one character takes
-    several tokens, one of them gets its span and the others an empty one, so they stay neutral).
-    """
-    special = set(tokenizer.all_special_ids)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if encoded["input_ids"] == [i for i in ids if i not in special]:
-        spans = iter(encoded["offset_mapping"])
-        return [(0, 0) if i in special else tuple(next(spans)) for i in ids]
-    offsets, end = [], 0
-    for t in range(len(ids)):
-        new_end = len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True))
-        offsets.append((end, new_end) if new_end > end else (0, 0))
-        end = max(end, new_end)
-    return offsets
-
-
 def response_labels(tokenizer, ids: list[int], item: dict, verifier,
                     threshold: float = balto.Config.support_threshold) -> tuple[list[int], float]:
     """(token labels of the response ids, response reward r_i): balto.judge_responses and balto.response_rewards.
 
     item holds the context and the question the response answers (a bare answer is checked with its question).
     """
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    verdict = balto.judge_responses(verifier, [item], [text], [token_offsets(tokenizer, ids, text)], threshold)
+    text, offsets = balto.token_spans(tokenizer, ids)  # the same spans as balto.rollout() reads
+    verdict = balto.judge_responses(verifier, [item], [text], [offsets], threshold)
     return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.supported)[0])
 
 
@@ -100,8 +79,7 @@ class BaltoRewardManager(RewardManagerBase):
 @core_algos.register_adv_est("balto")
 def balanced_advantage(token_level_rewards, response_mask, config=None, index=None, **kwargs):
     """BALTO's balanced credit on the labels in token_level_rewards: (advantages, returns), both (B, T)."""
-    lam = config.get("lam", 1.0) if config is not None else 1.0
-    credit = balto.balanced_credit(token_level_rewards.round().long(), response_mask, lam)
+    credit = balto.balanced_credit(token_level_rewards.round().long(), response_mask)
     return credit, credit
 
 
