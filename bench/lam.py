@@ -38,8 +38,8 @@ def main(data: str) -> None:
     group_sq = transfer_sq = 0.0  # sums of squares over response tokens
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
-        verdict = balto.judge(verifier, batch, cfg.support_threshold)
-        rewards = balto.response_rewards(verdict.supported)
+        verdict = balto.judge(verifier, batch, cfg.support_threshold, cfg.reward)
+        rewards = balto.response_rewards(verdict.verdicts)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
         transfer = balto.balanced_credit(labels, mask)  # balanced-group's other part, at lam 1

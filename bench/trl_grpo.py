@@ -36,8 +36,8 @@ def supported_share(completions, context, question, **_):
     """balto's response reward r_i: the share of the response's claims that the verifier supports."""
     items = [{"context": c, "question": q} for c, q in zip(context, question)]
     verdict = balto.judge_responses(verifier, items, completions, [[] for _ in completions],  # no token labels
-                                    balto.Config.support_threshold)
-    return balto.response_rewards(verdict.supported).tolist()
+                                    balto.Config.support_threshold, "supported")
+    return balto.response_rewards(verdict.verdicts).tolist()
 
 
 class StepTimer(TrainerCallback):

@@ -142,7 +142,7 @@ def test_tlpo_runs_in_balto_loop(tiny_dir, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["objective"] == "tlpo_objective"
     steps = [r for r in log if r["event"] == "step"]
-    assert len(steps) == 3 and metrics["after"]["responses"] == 4
+    assert len(steps) == 3 and metrics["after"]["data_sample"]["responses"] == 4
     for record in steps:  # credit only at an error position, on a token labelled unsupported
         example = record["example"]
         marked = [t for t, c in enumerate(example["credit"]) if c != 0]

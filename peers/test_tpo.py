@@ -101,7 +101,7 @@ def test_tpo_runs_in_balto_loop_and_logs_s_beside_the_labels(tiny_dir, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["objective"] == "tpo_objective" and log[0]["credit"] == "response"
     steps = [r for r in log if r["event"] == "step"]
-    assert len(steps) == 2 and metrics["after"]["responses"] == 4
+    assert len(steps) == 2 and metrics["after"]["data_sample"]["responses"] == 4
     for record in steps:
         example = record["example"]
         assert len(example["s"]) == len(example["labels"]) == len(example["tokens"])

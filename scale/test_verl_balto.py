@@ -132,8 +132,8 @@ def balto_labels(tokenizer, text):
                             prompt_mask=torch.ones(1, 1, dtype=torch.long), prompt_of=torch.zeros(1, dtype=torch.long),
                             response_ids=torch.tensor([ids]), mask=torch.ones(1, len(ids), dtype=torch.long),
                             offsets=[offsets], finished=[True], sampler_logprobs=torch.zeros(1, len(ids)))
-    verdict = balto.judge(balto.RuleVerifier(), rollout, balto.Config.support_threshold)
-    return ids, verdict.labels[0].tolist(), float(balto.response_rewards(verdict.supported)[0])
+    verdict = balto.judge(balto.RuleVerifier(), rollout, balto.Config.support_threshold, balto.Config.reward)
+    return ids, verdict.labels[0].tolist(), float(balto.response_rewards(verdict.verdicts)[0])
 
 
 @pytest.mark.parametrize("text", RESPONSES)

@@ -39,14 +39,15 @@ ESTIMATORS = ("balto", "balto_token")
 # Labels: balto's steps 3-5 on the token ids verl sampled
 # ------------------------------------------------------------------------------------------------
 def response_labels(tokenizer, ids: list[int], item: dict, verifier,
-                    threshold: float = balto.Config.support_threshold) -> tuple[list[int], float]:
+                    threshold: float = balto.Config.support_threshold,
+                    reward: str = balto.Config.reward) -> tuple[list[int], float]:
     """(token labels of the response ids, response reward r_i): balto.judge_responses and balto.response_rewards.
 
     item holds the context and the question the response answers (a bare answer is checked with its question).
     """
     text, offsets = balto.token_spans(tokenizer, ids)  # the same spans as balto.rollout() reads
-    verdict = balto.judge_responses(verifier, [item], [text], [offsets], threshold)
-    return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.supported)[0])
+    verdict = balto.judge_responses(verifier, [item], [text], [offsets], threshold, reward)
+    return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.verdicts)[0])
 
 
 @register_reward_manager("balto")
