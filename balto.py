@@ -462,6 +462,7 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 
 # ==== 3. Claims =================================================================================
 SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1  # a span's or a token's label
+BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
 LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
 STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
 being it its this that these those there their they them he she his her him we our you your i my me
@@ -482,6 +483,8 @@ ABSTENTION = re.compile(r"""
 NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context
     r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)"
     r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
+CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "okay", "ok", "great",
+             "glad", "hope", "helps", "help", "happy"}  # "Thanks!" is no short answer
 WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")  # a number (1,400 or 2.5) or a word
 ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
 
@@ -490,8 +493,10 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     """Character spans of the checkable factual claims in a response.
 
     A clause is checkable when it asserts something concrete: a number, a name, or at least three
-    content words. Abstentions ("the context does not say"), questions, talk about the question or
-    the context ("The question asks ...") and chit-chat are not claims.
+    content words; or when it is a short answer, at most BARE_ANSWER_WORDS words with a content word
+    ("The curriculum."), read with its question by the verifier. Abstentions ("the context does
+    not say"), questions, talk about the question or the context ("The question asks ...") and
+    chit-chat are not claims.
     Example: "Paris has 2.1 million people. Who counted them? The context does not say. Thanks!"
              -> [(0, 29)]
     """
@@ -500,8 +505,11 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
         clause = text[start:end]
         if is_abstention(clause) or NOT_A_CLAIM.search(clause):
             continue
-        concrete = re.search(r"\d", clause) or has_name(clause) or len(content_words(clause)) >= 3
-        if concrete:
+        found = content_words(clause)
+        concrete = re.search(r"\d", clause) or has_name(clause) or len(found) >= 3
+        answer_words = [word for word in found if word.lower() not in CHIT_CHAT]
+        short_answer = answer_words and len(words(clause)) <= BARE_ANSWER_WORDS
+        if concrete or short_answer:
             claims.append((start, end))
     return claims
 
@@ -565,7 +573,6 @@ def is_abstention(text: str) -> bool:
 
 
 # ==== 4. Verify =================================================================================
-BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
 
 
 def is_bare_answer(claim: str, question: str) -> bool:
@@ -715,7 +722,8 @@ def with_table_header(clauses: list[str], index: int) -> str:
     read under its column headings ("In which year ...?" is answered by a heading).
 
     A table is a run of clauses with "|" in them; its header is the rows before its first row
-    that reports an amount (is_amount) after its first cell.
+    that reports an amount (is_amount) after its first cell. A header row itself (a table's
+    title) stands for the whole table.
     Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
              -> "Revenue | 4,100 | 3,900\n| 2019 | 2018"
     """
@@ -725,13 +733,35 @@ def with_table_header(clauses: list[str], index: int) -> str:
     first = index
     while first > 0 and is_table_row(clauses[first - 1]):
         first -= 1
+    last = index
+    while last + 1 < len(clauses) and is_table_row(clauses[last + 1]):
+        last += 1
     header = []
-    for row in clauses[first:index]:
+    for row in clauses[first:last + 1]:
         cells = row.split("|")[1:]
         if any(is_amount(w) for cell in cells for w in words(cell) if w[0].isdigit()):
             break
         header.append(row)
+    if index < first + len(header):  # a header row: the question is about the whole table
+        return "\n".join(clauses[first:last + 1])
     return "\n".join([clause, *header])
+
+
+def question_overlap(question: str, clause: str) -> int:
+    """How much of the question a clause holds: 3 for each of its numbers and lower-case content
+    words there, 1 for each name. The predicate locates an answer ("close in 1961"); the name
+    of the subject recurs all over the context ("the Larch Valley Railway", then "it").
+    Example: ("Why did the Larch Valley Railway close in 1961?",
+              "It carried timber until 1961, when the line closed.") -> 6
+    """
+    present = {stem(normalise_number(w)) for w in words(clause)}
+    total = 0
+    for word in dict.fromkeys(words(question)):  # each word once, in order
+        if not (word[0].isdigit() or (word.lower() not in STOPWORDS and len(word) > 1)):
+            continue
+        if stem(normalise_number(word)) in present:
+            total += 1 if word[0].isupper() else 3
+    return total
 
 
 def word_support(claim: str, token_spans: list[tuple[int, int]], token_match: torch.Tensor,
@@ -774,8 +804,10 @@ class RuleVerifier:
         return shared.index(max(shared))
 
     def question_clause(self, context: str, question: str) -> int:
-        """The index of the context clause the question asks about."""
-        return self.best_clause(context_clauses(context), question)
+        """The index of the context clause the question asks about: the most question_overlap,
+        the first on a tie."""
+        overlaps = [question_overlap(question, clause) for clause in context_clauses(context)]
+        return overlaps.index(max(overlaps))
 
     def assess(self, checks: list[tuple[str, str, str]]) -> list[tuple[float, int]]:
         """For each (context, question, claim): p(supported), 0 on a rule violation, else 1 when
@@ -888,14 +920,18 @@ class EncoderVerifier:
         return self.context_cache[context]
 
     def question_clause(self, context: str, question: str) -> int:
-        """The index of the context clause the question asks about (kept for the last 512)."""
+        """The index of the context clause the question asks about (kept for the last 512): the
+        most question_overlap, the encoder's cosine to the question breaking ties."""
         key = (context, question)
         if key not in self.question_cache:
             if len(self.question_cache) >= 512:
                 self.question_cache.pop(next(iter(self.question_cache)))  # the oldest
-            _, _, clause_vectors = self.context_vectors(context)
+            clauses, _, clause_vectors = self.context_vectors(context)
             asked = self.encode([question])[0].sentence
-            self.question_cache[key] = self.best_clause(clause_vectors, asked)
+            cosine = clause_vectors @ asked  # (C,) in [-1, 1]: below one unit of overlap
+            overlap = torch.tensor([question_overlap(question, c) for c in clauses],
+                                   dtype=cosine.dtype, device=cosine.device)
+            self.question_cache[key] = int((overlap + cosine / 2).argmax())
         return self.question_cache[key]
 
     def assess(self, checks: list[tuple[str, str, str]]) -> list[tuple[float, int]]:

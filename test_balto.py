@@ -694,6 +694,60 @@ def test_project_labels_by_hand():
     assert balto.project_labels([(0, 4), (3, 8), (8, 9)], [(0, 4), (4, 9)], [0, 1]) == [0, 1, 1]
 
 
+def test_answer_verdicts_by_hand():
+    """The docstring's example: the answer once, the same answer again, a claim about another clause."""
+    labels = balto.answer_verdicts(["Harbor sold it to Greyline.", "Greyline bought it.", "Harbor is in Ohio."],
+                                   [True, True, True], [0, 0, 1], 0, "Harbor sold the division to Greyline.",
+                                   "Who bought it?")
+    assert labels == [1, 0, 0]
+    # unsupported stays -1 wherever it is; a supported claim that adds nothing the question lacks is 0
+    assert balto.answer_verdicts(["Greyline paid 9 dollars.", "Greyline did buy."], [False, True], [0, 0], 0,
+                                 "Greyline bought it.", "What did Greyline buy?") == [-1, 0]
+
+
+def test_the_question_clause_weighs_the_predicate_above_the_subject_s_name():
+    context = ("The Larch Valley Railway opened in 1887. It carried timber until 1961, when the line closed "
+               "after a flood destroyed the Corran bridge.")
+    question = "Why did the Larch Valley Railway close in 1961?"
+    assert balto.question_overlap(question, "It carried timber until 1961, when the line closed.") == 6
+    assert balto.RuleVerifier().question_clause(context, question) == 1
+
+
+def test_a_table_row_is_read_under_its_header_and_a_header_row_stands_for_the_table():
+    clauses = balto.context_clauses("| Item | 2019 | 2018\nRevenue | 4,100 | 3,900\nCosts | 1,200 | 1,100")
+    assert balto.with_table_header(clauses, 2) == "Costs | 1,200 | 1,100\n| Item | 2019 | 2018"
+    assert balto.with_table_header(clauses, 0) == "\n".join(clauses)
+    context = "Sales rose. | Item | 2019 | 2018\nRevenue | 4,100 | 3,900"
+    verdict = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": "In which year was "
+                                                            "Revenue larger?"}], ["2019."], [[]], 0.35, "answering")
+    assert verdict.supported == [[True]] and verdict.verdicts == [[1]]  # the year sits in the header
+
+
+def test_short_answers_are_claims_and_chit_chat_is_not():
+    assert balto.extract_claims("The curriculum.") == [(0, 15)]
+    assert balto.extract_claims("Thanks!") == []
+
+
+def test_reward_supported_labels_every_claim_by_support_alone():
+    item = {"context": "Greyline bought the division. It is based in Ohio.", "question": "Who bought it?",
+            "answer": "Greyline."}
+    text = "Greyline bought the division. Greyline is based in Ohio. The context does not say more."
+    answering = balto.judge_responses(balto.RuleVerifier(), [item], [text], [[]], 0.35, "answering")
+    supported = balto.judge_responses(balto.RuleVerifier(), [item], [text], [[]], 0.35, "supported")
+    assert supported.verdicts == [[1, 1]] and supported.spans == supported.claims
+    assert answering.verdicts == [[1, 0, -1]]  # the answer; beside it; an abstention where there is an answer
+    assert balto.response_rewards(answering.verdicts).tolist() == [0.5]
+
+
+def test_the_answering_verdict_on_the_repository_cases():
+    """bench/answer_cases.jsonl under the rules verifier: a bar below today's accuracy, so a change that breaks the
+    verdict fails here (the MiniLM figure is in docs/method.md)."""
+    check_answers = bench_module("check_answers")
+    cases = check_answers.load_cases(str(HERE / "bench" / "answer_cases.jsonl"))
+    accuracy = check_answers.check_answers(balto.RuleVerifier(), cases, "bench/answer_cases.jsonl")
+    assert accuracy["overall"] >= 0.7
+
+
 @pytest.mark.parametrize("claim,violation", [
     ("The bridge has 10 lanes.", "number 10"),
     ("The bridge was built by Carlos Ruiz.", "name Carlos"),
