@@ -131,7 +131,7 @@ class Config:
 
     eval_size: int = option(64, "held-out prompts of each setting (--data file), never trained "
                                 "on")
-    eval_samples: int = option(4, "samples per held-out prompt, before and after training")
+    eval_samples: int = option(2, "samples per held-out prompt, before and after training")
     eval_before: bool = option(True, "evaluate the untrained policy too (the same in every run: "
                                      "the evaluation has its own seed)")
 

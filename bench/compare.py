@@ -1,14 +1,27 @@
-"""Tabulate a comparison of modes: seed-averaged held-out metrics with paired bootstrap intervals.
+"""Tabulate a comparison of modes: seed-averaged held-out metrics of each setting, and the primary
+metric, with paired bootstrap intervals.
 
-    python bench/compare.py runs/v3            # every <mode>-s<seed>/metrics.json under it
+    python bench/compare.py runs/v4                    # every <mode>-s<seed>/metrics.json under it
+    python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
 
-Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS). One bootstrap draw resamples the
-held-out prompts once and applies the same draw to every run, so the interval of a difference between
-two modes is paired: prompt difficulty cancels, and what is left is the modes' own difference.
+A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
+are under "after"). Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS) for each
+setting (a --data file). One bootstrap draw resamples each setting's held-out prompts on their own
+and applies the same draw to every run, so the interval of a difference between two modes is paired:
+prompt difficulty cancels, and what is left is the modes' own difference.
+
+The primary metric is the mean over settings of Q (each setting's Q first, then their mean). Its
+paired differences (--pairs A:B,..., default every mode against balanced) say "differs" when the 95%
+interval excludes 0 and every seed's difference (seeds matched by number) has the interval's sign.
+
+An old metrics.json ("after" holds one setting's metrics: bench/results/v3) is read as the setting
+data_sample; its answer recall is not known (v3 counted key-term recall there) and shows as "-".
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -18,78 +31,147 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
 
-KEYS = ["q_score", "faithfulness", "informativeness", "key_term_recall", "hallucination_rate", "invented_rate",
-        "response_len", "claims_per_response", "copy_rate", "bare_answer_rate"]
+KEYS = ["q_score", "hallucination_rate", "answer_recall", "informativeness", "copy_rate", "bare_answer_rate",
+        "response_len"]
+HEADS = ["Q", "hallucination", "answer recall", "informativeness (F1)", "copy rate", "bare answers", "tokens"]
 RESAMPLES = 2000
+OLD_SETTING = "data_sample"  # the one setting of a metrics.json written before --data took several files
 
 
-def load(root: Path) -> tuple[dict, dict]:
-    """{mode: {seed: (P, K) per-prompt counts}}, {mode: [wall seconds]} from <mode>-s<seed> runs."""
-    runs, walls = {}, {}
+def load(root: Path) -> tuple[dict, dict, set]:
+    """{mode: {seed: {setting: (P, K) per-prompt counts}}}, {mode: [wall seconds]}, {(mode, seed) of
+    old-format runs} from <mode>-s<seed> runs (any other directory name is seed 0)."""
+    runs, walls, old = {}, {}, set()
     for path in sorted(root.glob("*/metrics.json")):
         match = re.fullmatch(r"(.+)-s(\d+)", path.parent.name)
         name, seed = (match.group(1), int(match.group(2))) if match else (path.parent.name, 0)
         after = json.loads(path.read_text())["after"]
-        runs.setdefault(name, {})[seed] = torch.tensor(after["per_prompt"], dtype=torch.float64)
+        if "per_prompt" in after:  # the old format: one setting, no name
+            after = {OLD_SETTING: after}
+            old.add((name, seed))
+        runs.setdefault(name, {})[seed] = {setting: torch.tensor(m["per_prompt"], dtype=torch.float64)
+                                           for setting, m in after.items()}
         out = path.parent.parent / (path.parent.name + ".out")
         timing = re.findall(r"^([\d.]+) s \d+ KB$", out.read_text(), flags=re.M) if out.exists() else []
         walls.setdefault(name, []).extend(float(t) for t in timing)
-    return runs, walls
+    return runs, walls, old
 
 
-def seed_metrics(per_seed: dict, picks: torch.Tensor | None) -> dict[int, dict[str, torch.Tensor]]:
-    """Each seed's metrics, on the full held-out set (picks None) or on each resample (S, P)."""
-    return {seed: balto.held_out_metrics(table.sum(0) if picks is None else table[picks].sum(1))
-            for seed, table in per_seed.items()}
+def seed_metrics(mode: str, per_seed: dict, picks: dict | None, old: set) -> dict[int, dict[str, dict]]:
+    """Each seed's metrics of each setting, on the full held-out set (picks None) or on each resample
+    (picks: {setting: (S, P)}). Answer recall is nan where the run is old (its column meant another thing)."""
+    by_seed = {}
+    for seed, settings in per_seed.items():
+        by_seed[seed] = {}
+        for setting, table in settings.items():
+            metrics = balto.held_out_metrics(table.sum(0) if picks is None else table[picks[setting]].sum(1))
+            if (mode, seed) in old:
+                metrics["answer_recall"] = torch.full_like(metrics["q_score"], math.nan)
+            by_seed[seed][setting] = metrics
+    return by_seed
 
 
-def seed_averaged(by_seed: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([v[key] for v in by_seed.values()]).mean(0) for key in KEYS}
+def primary(by_seed: dict, settings: list[str]) -> dict[int, torch.Tensor]:
+    """Each seed's primary metric: the mean over settings of that setting's Q."""
+    return {seed: torch.stack([m[s]["q_score"] for s in settings]).mean(0) for seed, m in by_seed.items()}
 
 
-def main(root: str) -> None:
-    runs, walls = load(Path(root))
-    prompts = len(next(iter(next(iter(runs.values())).values())))
-    picks = torch.randint(prompts, (RESAMPLES, prompts), generator=torch.Generator().manual_seed(0))
-    per_seed_point = {m: seed_metrics(s, None) for m, s in runs.items()}
-    point = {m: seed_averaged(v) for m, v in per_seed_point.items()}
-    draws = {m: seed_averaged(seed_metrics(s, picks)) for m, s in runs.items()}
+def seed_averaged(by_seed: dict, setting: str) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([m[setting][key] for m in by_seed.values()]).mean(0) for key in KEYS}
 
-    def cell(value, sample, digits=3):
-        low, high = float(sample.nanquantile(0.025)), float(sample.nanquantile(0.975))
-        return f"{float(value):.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
-    # the untrained policy first, then each KL weight's runs by mean Q
-    order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -float(point[m]["q_score"])))
-    print(f"{prompts} held-out prompts, {RESAMPLES} paired bootstrap resamples; mean over seeds [95% interval]\n")
-    print("| run | seeds | Q | faithfulness | informativeness (F1) | key-term recall | hallucination | "
-          "invented number/name | tokens | claims | copy rate | bare answers | Q per seed (SD) | wall (min) |")
-    print("| --- " * 14 + "|")
+def interval(sample: torch.Tensor) -> tuple[float, float]:
+    return float(sample.nanquantile(0.025)), float(sample.nanquantile(0.975))
+
+
+def cell(value, sample, digits=3):
+    if math.isnan(float(value)):
+        return "-"
+    low, high = interval(sample)
+    return f"{float(value):.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def spread(values: list[float]) -> str:
+    """Each seed's value and, over several seeds, their SD: the seed spread, a mode's stability."""
+    q = torch.tensor(values, dtype=torch.float64)
+    return ", ".join(f"{v:.3f}" for v in values) + (f" ({float(q.std()):.3f})" if len(q) > 1 else "")
+
+
+def paired_seeds(runs: dict, a: str, b: str) -> list[tuple[int, int]]:
+    """(seed of a, seed of b) matched by number; the untrained policy (one run) pairs with every seed."""
+    if a == "base" or b == "base":
+        return [(sa, sb) for sa in runs[a] for sb in runs[b]]
+    return [(s, s) for s in sorted(set(runs[a]) & set(runs[b]))]
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Tabulate a comparison of modes (see the docstring).")
+    parser.add_argument("root", nargs="?", default="runs/v3", help="a directory of <mode>-s<seed> runs")
+    parser.add_argument("--pairs", default="", help="A:B,C:D: the primary's paired differences A - B "
+                                                    "(default: every mode against balanced)")
+    args = parser.parse_args(argv)
+    runs, walls, old = load(Path(args.root))
+    if not runs:
+        parser.error(f"{args.root}: no */metrics.json")
+    settings = sorted({s for per_seed in runs.values() for r in per_seed.values() for s in r})
+    common = [s for s in settings if all(s in r for per_seed in runs.values() for r in per_seed.values())]
+    prompts = {}
+    for s in settings:
+        sizes = {len(r[s]) for per_seed in runs.values() for r in per_seed.values() if s in r}
+        if len(sizes) != 1:
+            parser.error(f"setting {s}: runs held out different numbers of prompts {sorted(sizes)}: not paired")
+        prompts[s] = sizes.pop()
+    generator = torch.Generator().manual_seed(0)  # each setting's prompts resampled on their own
+    picks = {s: torch.randint(prompts[s], (RESAMPLES, prompts[s]), generator=generator) for s in settings}
+    per_seed_point = {m: seed_metrics(m, s, None, old) for m, s in runs.items()}
+    per_seed_draws = {m: seed_metrics(m, s, picks, old) for m, s in runs.items()}
+    seed_primary = {m: primary(v, common) for m, v in per_seed_point.items()}
+    point = {m: float(torch.stack(list(v.values())).mean()) for m, v in seed_primary.items()}
+    draws = {m: torch.stack(list(primary(v, common).values())).mean(0) for m, v in per_seed_draws.items()}
+
+    # the untrained policy first, then each KL weight's runs by the primary metric
+    order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -point[m]))
+    if args.pairs:
+        pairs = [tuple(pair.split(":", 1)) for pair in args.pairs.split(",")]
+    else:  # every mode against balanced, where there is one
+        pairs = [(m, "balanced") for m in order if m != "balanced" and "balanced" in runs]
+    for pair in pairs:
+        if len(pair) != 2 or not set(pair) <= set(runs):
+            parser.error(f"--pairs: {':'.join(pair)} is not MODE:MODE of modes here ({', '.join(sorted(runs))})")
+
+    print(", ".join(f"{s} {prompts[s]}" for s in settings) + f" held-out prompts; {RESAMPLES} paired bootstrap "
+          "resamples (each setting's prompts on their own); mean over seeds [95% interval]")
+    for s in settings:
+        modes = [m for m in order if all(s in r for r in runs[m].values())]
+        print(f"\n{s} ({prompts[s]} prompts):\n")
+        print("| run | seeds | " + " | ".join(HEADS) + " | Q per seed (SD) |")
+        print("| --- " * (len(KEYS) + 3) + "|")
+        for m in modes:
+            p, d = seed_averaged(per_seed_point[m], s), seed_averaged(per_seed_draws[m], s)
+            q = [float(v[s]["q_score"]) for v in per_seed_point[m].values()]
+            print(f"| {'untrained' if m == 'base' else m} | {len(runs[m])} | " + " | ".join(
+                cell(p[k], d[k], 1 if k == "response_len" else 3) for k in KEYS) + f" | {spread(q)} |")
+
+    print(f"\nPrimary: the mean over settings ({', '.join(common)}) of Q\n")
+    print("| run | seeds | primary | per seed (SD) | wall (min) |")
+    print("| --- " * 5 + "|")
     for m in order:
-        p, d = point[m], draws[m]
         wall = f"{sum(walls[m]) / len(walls[m]) / 60:.1f}" if walls.get(m) else ""
-        q = torch.stack([v["q_score"] for v in per_seed_point[m].values()])  # the seed spread: stability
-        spread = ", ".join(f"{float(v):.3f}" for v in q) + (f" ({float(q.std()):.3f})" if len(q) > 1 else "")
-        print(f"| {'untrained' if m == 'base' else m} | {len(runs[m])} | " + " | ".join(
-            cell(p[k], d[k], 1 if k == "response_len" else 3) for k in KEYS) + f" | {spread} | {wall} |")
-    print("\nPaired differences (row minus column's mode), seed-averaged, with the per-seed differences:\n")
-    for key in ("q_score", "hallucination_rate", "informativeness"):
-        print(f"{key}:")
-        for i, a in enumerate(order):
-            for b in order[i + 1:]:
-                if "base" in (a, b) or ("-kl" in a) != ("-kl" in b):  # compare like with like: one KL weight
-                    continue
-                diff = draws[a][key] - draws[b][key]
-                low, high = float(diff.nanquantile(0.025)), float(diff.nanquantile(0.975))
-                seeds = sorted(set(runs[a]) & set(runs[b]))
-                per_seed = [float(per_seed_point[a][s][key] - per_seed_point[b][s][key]) for s in seeds]
-                same_sign = all(x > 0 for x in per_seed) or all(x < 0 for x in per_seed)
-                outside = (low > 0 or high < 0) and same_sign
-                verdict = ("outside the noise" if outside else "no difference") if len(seeds) >= 3 else \
-                    f"{len(seeds)} paired seed{'s' * (len(seeds) != 1)}: not decided by the rule"
-                print(f"  {a} - {b}: {float(point[a][key] - point[b][key]):+.3f} [{low:+.3f}, {high:+.3f}]; "
-                      f"per seed {', '.join(f'{x:+.3f}' for x in per_seed)}: {verdict}")
+        print(f"| {'untrained' if m == 'base' else m} | {len(runs[m])} | {cell(point[m], draws[m])} | "
+              f"{spread([float(v) for v in seed_primary[m].values()])} | {wall} |")
+
+    print("\nPaired differences of the primary (A - B), seed-averaged, with each seed's difference:\n")
+    for a, b in pairs:
+        low, high = interval(draws[a] - draws[b])
+        seeds = paired_seeds(runs, a, b)
+        per_seed = [float(seed_primary[a][sa] - seed_primary[b][sb]) for sa, sb in seeds]
+        sign = 1 if low > 0 else -1 if high < 0 else 0  # the interval's sign; 0: it holds 0
+        differs = sign != 0 and bool(per_seed) and all(x * sign > 0 for x in per_seed)
+        named = ", ".join(f"s{sa if b == 'base' else sb} {x:+.3f}" for (sa, sb), x in zip(seeds, per_seed))
+        print(f"  {a} - {b}: {point[a] - point[b]:+.3f} [{low:+.3f}, {high:+.3f}]; per seed {named}: "
+              f"{'differs' if differs else 'no difference'}")
+    return point
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/v3")
+    main()

@@ -1,43 +1,42 @@
 #!/usr/bin/env bash
-# The comparison of docs/results.md (rule 4): every run of a list, two at a time, one thread each.
+# The comparison of docs/results.md (rule 5): every run of a list, two at a time, one thread each.
 #
-#   bash bench/comparison.sh runs/v3                          # the untrained policy, 7 modes x 3 seeds
-#   bash bench/comparison.sh runs/v3 0.02 token balanced      # the two best again at kl-beta 0.02
+#   bash bench/comparison.sh runs/v4                 # 4 ways to train x seeds 0, 1, 2
+#   bash bench/comparison.sh runs/v4 balanced-s1     # only the runs named
 #
-# Each run writes OUT/NAME/ (log.jsonl, metrics.json, the policy) and OUT/NAME.out (what it printed,
-# ending with /usr/bin/time's "seconds s peak-KB KB"). python bench/compare.py OUT tabulates them.
+# balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
+# training); every other run skips that evaluation and prints no rollouts. Each run writes
+# OUT/NAME/ (log.jsonl, metrics.json, the policy) and OUT/NAME.out (what it printed, ending with
+# /usr/bin/time's "seconds s peak-KB KB"). python bench/compare.py OUT tabulates them.
 set -euo pipefail
-out=${1:?usage: bash bench/comparison.sh OUT [KL_BETA MODE MODE]}
-beta=${2:-}
+out=${1:?usage: bash bench/comparison.sh OUT [NAME ...]}
 mkdir -p "$out"
 
-script_of() {  # the command that trains a mode: balto.py's modes, or a peer's script
-  case $1 in
-    tpo) echo "peers/tpo.py" ;;
-    tlpo) echo "peers/tlpo.py" ;;
-    *) echo "balto.py --credit $1" ;;
-  esac
+runs() {  # one line per run: NAME ARGUMENTS...
+  for seed in 0 1 2; do
+    if [ "$seed" = 0 ]; then
+      echo "balanced-s0"
+    else
+      echo "balanced-s$seed --seed $seed --no-eval-before --show-every 0"
+    fi
+    echo "response-s$seed --credit response --seed $seed --no-eval-before --show-every 0"
+    echo "balanced-v3-s$seed --reward supported --seed $seed --no-eval-before --show-every 0"
+    echo "fspo-s$seed --credit fspo --seed $seed --no-eval-before --show-every 0"
+  done
 }
 
-runs() {  # one line per run: NAME COMMAND...
-  if [ -z "$beta" ]; then
-    echo "base balto.py --steps 0"
-    for seed in 0 1 2; do
-      for mode in response fspo token balanced balanced-group tpo tlpo; do
-        echo "$mode-s$seed $(script_of "$mode") --seed $seed"
-      done
-    done
+chosen() {  # the runs named on the command line, or all of them
+  if [ $# -eq 0 ]; then
+    runs
   else
-    for seed in 0 1 2; do
-      for mode in "${@:3}"; do
-        echo "$mode-kl$beta-s$seed $(script_of "$mode") --seed $seed --kl-beta $beta"
-      done
+    for name in "$@"; do
+      runs | awk -v n="$name" '$1 == n'
     done
   fi
 }
 
-runs "$@" | OUT="$out" xargs -P 2 -L 1 bash -c '
+chosen "${@:2}" | OUT="$out" xargs -P 2 -L 1 bash -c '
   name=$0
-  OMP_NUM_THREADS=1 /usr/bin/time -f "%e s %M KB" python "$@" --no-eval-before --show-every 0 \
-    --output-dir "$OUT/$name" > "$OUT/$name.out" 2>&1
+  OMP_NUM_THREADS=1 /usr/bin/time -f "%e s %M KB" python balto.py "$@" --output-dir "$OUT/$name" \
+    > "$OUT/$name.out" 2>&1
   echo "$(date -u +%H:%M) finished $name"'

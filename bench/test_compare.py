@@ -1,0 +1,123 @@
+"""Checks of bench/compare.py on hand-made runs: the primary metric is the mean over settings of each
+setting's Q, averaged over seeds, and a pair "differs" only when its interval excludes 0 and every
+seed's difference has the interval's sign. Run: python -m pytest -q bench/test_compare.py
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import balto
+
+spec = importlib.util.spec_from_file_location("compare", Path(__file__).with_name("compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def row(claims, supported, f1, stated=2.0, responses=4, tokens=80.0):
+    """One prompt's counts over its 4 samples, in balto.PROMPT_COUNTS order (4 scored)."""
+    counts = {"responses": responses, "claims": claims, "supported": supported,
+              "hallucinated": min(claims - supported, responses), "invented": 0, "tokens": tokens,
+              "scored": responses, "f1": f1, "stated": stated, "words": 50, "copied": 10, "bare": 0}
+    return [float(counts[key]) for key in balto.PROMPT_COUNTS]
+
+
+# The balanced runs' prompts: setting "alpha" has three, "beta" two.
+ALPHA = [row(8, 6, 1.2), row(6, 3, 2.0), row(4, 4, 0.8)]
+BETA = [row(5, 2, 1.6), row(7, 5, 2.4)]
+
+
+def shifted(rows, supported=0, f1=0.0):
+    """The same prompts with more (or fewer) supported claims and F1 on every one."""
+    out = []
+    for r in rows:
+        c = dict(zip(balto.PROMPT_COUNTS, r))
+        out.append(row(c["claims"], c["supported"] + supported, c["f1"] + f1))
+    return out
+
+
+RUNS = {  # run directory: {setting: per-prompt counts}
+    "balanced-s0": {"alpha": ALPHA, "beta": BETA},
+    "balanced-s1": {"alpha": shifted(ALPHA, f1=0.2), "beta": BETA},
+    "response-s0": {"alpha": ALPHA, "beta": BETA},  # the same as balanced: no difference at all
+    "response-s1": {"alpha": shifted(ALPHA, f1=0.2), "beta": BETA},
+    "fspo-s0": {"alpha": shifted(ALPHA, 0, 1.0), "beta": shifted(BETA, 1, 1.0)},  # better on every prompt
+    "fspo-s1": {"alpha": shifted(ALPHA, 0, 1.2), "beta": shifted(BETA, 1, 1.0)},
+    "token-s0": {"alpha": shifted(ALPHA, 0, 1.5), "beta": shifted(BETA, 1, 1.5)},  # far better, then a bit worse
+    "token-s1": {"alpha": shifted(ALPHA, 0, 0.1), "beta": shifted(BETA, 0, -0.1)},
+}
+
+
+def write_runs(root, runs=RUNS):
+    for name, settings in runs.items():
+        (root / name).mkdir(parents=True)
+        after = {s: {"per_prompt": table} for s, table in settings.items()}
+        (root / name / "metrics.json").write_text(json.dumps({"before": None, "after": after}))
+    return root
+
+
+def naive_q(table):
+    claims = sum(r[balto.PROMPT_COUNTS.index("claims")] for r in table)
+    supported = sum(r[balto.PROMPT_COUNTS.index("supported")] for r in table)
+    f1 = sum(r[balto.PROMPT_COUNTS.index("f1")] for r in table)
+    scored = sum(r[balto.PROMPT_COUNTS.index("scored")] for r in table)
+    faithful, informative = supported / claims, f1 / scored
+    return 2 * faithful * informative / (faithful + informative)
+
+
+def naive_primary(mode):
+    seeds = [settings for name, settings in RUNS.items() if name.rsplit("-s", 1)[0] == mode]
+    return sum(sum(naive_q(t) for t in settings.values()) / len(settings) for settings in seeds) / len(seeds)
+
+
+def verdicts(output):
+    lines = [line.strip() for line in output.splitlines() if " - " in line and line.rstrip().endswith(
+        ("differs", "no difference"))]
+    return {line.split(":")[0]: line for line in lines}
+
+
+def test_primary_is_the_seed_mean_of_the_mean_over_settings_of_q(tmp_path, capsys):
+    point = compare.main([str(write_runs(tmp_path))])
+    out = capsys.readouterr().out
+    for mode in ("balanced", "response", "fspo", "token"):
+        assert point[mode] == pytest.approx(naive_primary(mode), abs=1e-12)
+    assert f"| fspo | 2 | {naive_primary('fspo'):.3f} [" in out.split("Primary:")[1]
+    assert "alpha (3 prompts)" in out and "beta (2 prompts)" in out
+    rows = [line.split(" | ") for line in out.split("Primary:")[0].splitlines() if line.startswith("| balanced |")]
+    assert [cells[4] for cells in rows] == ["0.500 [0.500, 0.500]"] * 2  # 2 of 4 state the answer, every prompt
+
+
+def test_differs_only_when_the_interval_excludes_0_and_every_seed_agrees(tmp_path, capsys):
+    compare.main([str(write_runs(tmp_path))])
+    found = verdicts(capsys.readouterr().out)
+    assert set(found) == {"response - balanced", "fspo - balanced", "token - balanced"}  # the default pairs
+    assert found["fspo - balanced"].endswith("differs")
+    assert found["response - balanced"].endswith("no difference") and "+0.000 [+0.000, +0.000]" in \
+        found["response - balanced"]
+    token = found["token - balanced"]  # the interval excludes 0, but seed 1 goes the other way
+    low = float(token.split("[")[1].split(",")[0])
+    assert low > 0 and " s1 -" in token and token.endswith("no difference")
+
+    compare.main([str(tmp_path), "--pairs", "balanced:fspo,token:response"])
+    found = verdicts(capsys.readouterr().out)
+    assert set(found) == {"balanced - fspo", "token - response"}
+    assert found["balanced - fspo"].endswith("differs") and "s0 -" in found["balanced - fspo"]
+
+
+def test_an_old_metrics_json_is_the_setting_data_sample_without_answer_recall(tmp_path, capsys):
+    for name, q in (("balanced-s0", ALPHA), ("fspo-s0", shifted(ALPHA, 0, 1.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"after": {"per_prompt": q, "prompts": 3}}))
+    point = compare.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert point["fspo"] == pytest.approx(naive_q(shifted(ALPHA, 0, 1.0)))
+    assert "data_sample (3 prompts)" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| balanced |", "| fspo |"))]
+    assert [cells[4] for cells in rows if len(cells) > 8] == ["-", "-"]  # answer recall unknown
+
+
+def test_unknown_pair_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(write_runs(tmp_path)), "--pairs", "fspo:nope"])
+    assert exit_info.value.code == 2
