@@ -5,10 +5,16 @@ Optimization for Hallucination Mitigation" (arXiv 2606.15893). Only the paper's 
 public: every detail it does not state is this project's reconstruction, and docs/method.md marks
 which is which.
 
-The objective. For a prompt x (a context and a question), sample G responses y_i. Split each
-response into claims, verify each claim against the context, and label every token +1 (inside a
-supported claim), -1 (inside an unsupported claim) or 0 (neither). Give each token a credit
-A[i, t], then minimise, over all response tokens of the batch,
+How to read it. For the credit, in about half an hour: this docstring, then project_labels
+(section 5), balanced_credit, balanced_group_credit and match_scale (6), policy_loss (7) and
+update (8), each with a worked example. For the whole method: sections 1-9 in order; 10-12 are
+the report, main and plumbing (the GPU sampler included), which the method does not need.
+
+The objective. For a prompt x (a context and a question), sample G responses y_i and keep the
+sampled token ids. Split each response into claims, verify each claim against the context, ask
+whether it answers the question, and label every token +1 (inside a supported claim that
+answers), -1 (inside an unsupported claim) or 0 (elsewhere, a supported claim beside the question
+included). Give each token a credit A[i, t], then minimise, over all response tokens of the batch,
 
     L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (response tokens)
     rho = pi(y_it | x, y_i<t) / pi_old(y_it | x, y_i<t),    k3 = pi_ref / pi - log(pi_ref / pi) - 1
@@ -20,36 +26,36 @@ update step, so rho is 1 and the clip never binds; it binds from the second epoc
 BALTO's credit has two reconstructions here (only the paper's abstract is public). The first,
 balanced (balanced_credit, the default), is
 
-    A[i, t] = +lam / N+_i on supported tokens,  -lam / N-_i on unsupported tokens,  0 elsewhere
+    A[i, t] = +1 / N+_i on +1 tokens,  -1 / N-_i on -1 tokens,  0 elsewhere
 
-where N+_i and N-_i count response i's supported and unsupported tokens: a response moves the same
-total up and down whatever its length. The second, balanced-group (balanced_group_credit), adds
-GRPO's group advantage g_i, spread as g_i / L_i over the response's L_i tokens. Matched scale
-(match_scale) then divides the batch's credit by one number, its RMS, which sets the overall
-scale. Under balanced, lam therefore cancels; under balanced-group, lam sets the transfer's size
-relative to g_i.
+where N+_i and N-_i count response i's +1 and -1 tokens: a response moves the same total up and
+down whatever its length. The second, balanced-group (balanced_group_credit), is lam times that
+plus GRPO's group advantage g_i, spread as g_i / L_i over the response's L_i tokens; --lam acts
+there alone. Matched scale (match_scale) then divides the batch's credit by one number, its RMS,
+which sets the overall scale in every mode.
 
-The held-out score is Q = 2 F I / (F + I), the harmonic mean of faithfulness F (supported claims /
-all claims) and informativeness I (token F1 against a reference answer): our reading of the
-paper's Q-Score.
+The held-out score, per setting (data file), is Q = 2 F I / (F + I), the harmonic mean of
+faithfulness F (supported claims / all claims) and informativeness I (token F1 against a
+reference answer): our reading of the paper's Q-Score.
 
 Where each step lives, in the order of the file:
      config    Config: every option with its --help text
-  1. data      load_items, split_items, build_prompt
-  2. rollout   rollout: sample (G responses per prompt; on CUDA, StaticCacheSampler draws the
-               same), token_logprobs (the definition) and shared_prompt_logprobs (the fast path:
-               each prompt through the model once)
+  1. data      load_settings, load_items, split_items, build_prompt
+  2. rollout   rollout: sample (G responses per prompt), token_spans (each sampled id's
+               characters), token_logprobs (the definition) and shared_prompt_logprobs (the fast
+               path: each prompt through the model once)
   3. claims    extract_claims: checkable clauses with character spans
-  4. verify    EncoderVerifier: word support from MiniLM + grounding rules -> p(supported)
-  5. project   project_labels: claim spans -> token labels +1 / -1 / 0
+  4. verify    EncoderVerifier: word support from MiniLM + grounding rules -> p(supported);
+               answer_verdicts: does a supported claim answer the question
+  5. project   project_labels: labelled spans -> token labels +1 / -1 / 0
   6. credit    assign_credit: balanced and balanced-group (BALTO), fspo (published peer), token
                and response (baselines); match_scale: one RMS for the batch
   7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
   8. update    build_models (dropout off, the bf16 copy), train_step, update (AdamW, clipping)
-  9. evaluate  evaluate: faithfulness, token-F1 informativeness, Q, hallucination, with intervals
+  9. evaluate  evaluate: faithfulness, token F1, answer recall, Q, hallucination, with intervals
  10. report    format_table, render_rollout, step_record (the HTML page: tools/report.py)
  11. main      run, main(argv)
- 12. plumbing  command line, errors, device and dtype, loading the policy offline
+ 12. plumbing  command line, errors, device and dtype, the GPU sampler, loading the policy offline
 
 Run it:
   python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, CPU or GPU
@@ -68,8 +74,8 @@ import inspect
 import json
 import math
 import os
-import random
 import platform
+import random
 import re
 import string
 import subprocess
@@ -125,8 +131,8 @@ class Config:
     epochs: int = option(1, "optimisation epochs over each rollout batch")
     grad_clip: float = option(1.0, "max gradient norm")
     micro_batch: int = option(0, "response rows per forward/backward; gradients accumulate, so "
-                                 "results do not depend on it (memory and speed do); 0: all "
-                                 "rows of a step at once on CUDA, 8 elsewhere")
+                                 "results do not depend on it up to float rounding (memory and "
+                                 "speed do); 0: all rows of a step at once on CUDA, 8 elsewhere")
     support_threshold: float = option(0.35, "supported when the verifier's p(supported) >= this")
 
     eval_size: int = option(64, "held-out prompts of each setting (--data file), never trained "
