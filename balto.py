@@ -1032,7 +1032,7 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
 def abstention_verdict(item: dict) -> int:
     """An abstention ("the context does not say") is right where the context holds no answer.
 
-    Whether it does cannot be read reliably from the words (docs/method.md), so this is the one
+    Whether it does cannot be read reliably from the words (bench/answerable.py), so this is the one
     place the reward reads the reference answer: +1 where the reference abstains too, -1 where it
     answers, 0 (neutral, as any text that asserts nothing) where the data has no reference.
     """
