@@ -7,21 +7,28 @@ which is which.
 
 How to read it. For the credit, in about half an hour: this docstring, then project_labels
 (section 5), balanced_credit, balanced_group_credit and match_scale (6), policy_loss (7) and
-update (8), each with a worked example. For the whole method: sections 1-9 in order; 10-12 are
-the report, main and plumbing (the GPU sampler included), which the method does not need.
+token_objective and update (8), the first five with a worked example; judge_responses (5) and
+response_rewards (6) say where the labels and r_i come from. For the whole method: sections 1-9
+in order; 10-12 are the report, main and plumbing (errors, reading files, the dtype, the GPU
+sampler), which sections 1-9 call but which hold no part of the method.
 
 The objective. For a prompt x (a context and a question), sample G responses y_i and keep the
 sampled token ids. Split each response into claims, verify each claim against the context, ask
 whether it answers the question, and label every token +1 (inside a supported claim that
 answers), -1 (inside an unsupported claim) or 0 (elsewhere, a supported claim beside the question
-included). Give each token a credit A[i, t], then minimise, over all response tokens of the batch,
+included); an abstention is +1 or -1 by the reference answer, where the data has one. (--reward
+supported, v3's labels: +1 for any supported claim.) Give each token a credit A[i, t], then
+minimise, over all response tokens of the batch,
 
     L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (response tokens)
     rho = pi(y_it | x, y_i<t) / pi_old(y_it | x, y_i<t),    k3 = pi_ref / pi - log(pi_ref / pi) - 1
 
-pi is the policy being trained; pi_old is the same policy before this batch's first update step;
-pi_ref is the frozen starting policy. With the default --epochs 1 each rollout batch serves one
-update step, so rho is 1 and the clip never binds; it binds from the second epoch on.
+pi is the policy being trained, its logits divided by the sampling temperature (0.7) wherever it
+is scored; pi_old is the same policy before this batch's first update step (its own scores, not
+the sampler's); pi_ref is the frozen starting policy. Dividing by the batch's token count, rather
+than each response's, and the matched scale below are ours. With the default --epochs 1 each
+rollout batch serves one update step, so rho is 1 and the clip never binds; it binds from the
+second epoch on.
 
 BALTO's credit has two reconstructions here (only the paper's abstract is public). The first,
 balanced (balanced_credit, the default), is
@@ -40,7 +47,7 @@ reference answer): our reading of the paper's Q-Score.
 
 Where each step lives, in the order of the file:
      config    Config: every option with its --help text
-  1. data      load_settings, load_items, split_items, build_prompt
+  1. data      load_items, load_settings, split_items, build_prompt
   2. rollout   rollout: sample (G responses per prompt), token_spans (each sampled id's
                characters), token_logprobs (the definition) and shared_prompt_logprobs (the fast
                path: each prompt through the model once)
@@ -51,11 +58,13 @@ Where each step lives, in the order of the file:
   6. credit    assign_credit: balanced and balanced-group (BALTO), fspo (published peer), token
                and response (baselines); match_scale: one RMS for the batch
   7. loss      policy_loss: clipped surrogate + beta * k3, summed over tokens / batch token count
-  8. update    build_models (dropout off, the bf16 copy), train_step, update (AdamW, clipping)
+  8. update    build_models (dropout off, the bf16 copy), token_objective (credit -> the loss),
+               train_step, update (AdamW, clipping)
   9. evaluate  evaluate: faithfulness, token F1, answer recall, Q, hallucination, with intervals
  10. report    format_table, render_rollout, step_record (the HTML page: tools/report.py)
  11. main      run, main(argv)
- 12. plumbing  command line, errors, device and dtype, the GPU sampler, loading the policy offline
+ 12. plumbing  command line, errors, device and dtype, the GPU sampler, provenance, loading
+               the policy offline
 
 Run it:
   python balto.py                        # offline demo: packaged SmolLM2-135M-Instruct, CPU or GPU
@@ -87,6 +96,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+class BaltoError(Exception):
+    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
 
 
 def option(default, help: str):
@@ -248,7 +261,8 @@ class Rollout:
 
     def logprobs(self, model, rows: slice, temperature: float) -> torch.Tensor:
         """Log-probs of the response rows `rows`, by shared_prompt_logprobs (below): (rows, R);
-        padding reads 0."""
+        columns past the longest of these rows read 0, and every column past a row's EOS is
+        masked."""
         n = max(1, int(self.mask[rows].sum(-1).max()))  # at least one column, even if all empty
         logp = shared_prompt_logprobs(model, self.prompt_ids, self.prompt_mask,
                                       self.prompt_of[rows], self.response_ids[rows, :n],
@@ -312,7 +326,7 @@ def token_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
 @torch.inference_mode()  # lighter than no_grad per op; the sampled ids never enter autograd
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
            temperature: float, max_new_tokens: int, eos_id: int,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G samples per prompt, ancestral sampling with a KV cache: (N, P) -> (N * G, S) ids and
     the log-prob of each under the sampling distribution, S <= max_new_tokens.
 
@@ -467,9 +481,12 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 
 
 # ==== 3. Claims =================================================================================
-SUPPORTED, NEUTRAL, UNSUPPORTED = 1, 0, -1  # a span's or a token's label
+# A span's or a token's label. What +1 means is --reward's: under "answering" (the default) a
+# supported claim that answers the question, or a right abstention; under "supported" (v3, the
+# verifier's verdict alone) any supported claim. -1 is unsupported content, or a wrong abstention.
+PLUS, NEUTRAL, MINUS = 1, 0, -1
 BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
-LABEL_NAMES = {SUPPORTED: "supported", NEUTRAL: "neutral", UNSUPPORTED: "unsupported"}
+LABEL_NAMES = {PLUS: "plus", NEUTRAL: "neutral", MINUS: "minus"}
 STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
 being it its this that these those there their they them he she his her him we our you your i my me
 into over about than then so such which who whom whose what when where why how also only very more
@@ -803,8 +820,7 @@ class RuleVerifier:
     name = "rules"
 
     def best_clause(self, clauses: list[str], about: str) -> int:
-        """The index of the clause sharing the most word stems with the content words of
-        `about` (the claim, or for a bare answer its question)."""
+        """The index of the clause sharing the most word stems with the claim's content words."""
         about_stems = {stem(w) for w in content_words(about)}
         shared = [len(about_stems & {stem(w) for w in words(clause)}) for clause in clauses]
         return shared.index(max(shared))
@@ -823,8 +839,10 @@ class RuleVerifier:
         for context, question, claim in checks:
             clauses = context_clauses(context)
             bare = is_bare_answer(claim, question)
-            about = question if bare else claim
-            best = self.best_clause(clauses, about)
+            if bare:  # the clause the question asks about, not the one the answer matches
+                best = self.question_clause(context, question)
+            else:
+                best = self.best_clause(clauses, claim)
             clause = with_table_header(clauses, best)
             if grounding_violations(context, claim, clause, bare):
                 assessed.append((0.0, best))
@@ -863,7 +881,8 @@ class EncoderVerifier:
     """
 
     name = "minilm"
-    PIECE = 254  # tokens per encoder pass, [CLS] and [SEP] aside (MiniLM was tuned on 256)
+    PIECE = 254  # tokens per encoder pass, [CLS] and [SEP] aside (its sentence-transformers
+    # configuration cuts at 256; it was trained on 128)
 
     def __init__(self, path: str | Path, device):
         from transformers import AutoModel, AutoTokenizer
@@ -982,15 +1001,15 @@ def make_verifier(name: str, device):
 
 
 # Supported is not informative: a pasted sentence beside the question is supported too. The verdict
-# also says whether a claim answers, read from the context alone (no reference answer needed).
-ANSWERS, BESIDE = "answers", "beside"
+# also says whether a claim answers, read from the context alone (no reference answer needed; an
+# abstention, below, is the one exception).
 
 
 def new_terms(text: str, question: str) -> set[str]:
     """Stems of the text's numbers and content words that the question does not give.
 
     Example: ("Greyline Capital paid 340 million dollars.", "How much did Greyline pay?")
-             -> {"capital", "340", "million", "dollar"}
+             -> {"capital", "340", "million", "paid", "dollar"}
     """
     given = {stem(normalise_number(w)) for w in words(question)}
     terms = set()
@@ -1020,9 +1039,9 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
     for claim, claim_supported, clause in zip(claims, supported, about):
         says = new_terms(claim, question) & wanted
         if not claim_supported:
-            labels.append(UNSUPPORTED)
+            labels.append(MINUS)
         elif clause == asked and says - stated:
-            labels.append(SUPPORTED)
+            labels.append(PLUS)
             stated |= says
         else:
             labels.append(NEUTRAL)
@@ -1040,8 +1059,8 @@ def abstention_verdict(item: dict) -> int:
     if not reference:
         return NEUTRAL
     if is_abstention(reference):
-        return SUPPORTED
-    return UNSUPPORTED
+        return PLUS
+    return MINUS
 
 
 # ==== 5. Project ================================================================================
@@ -1060,10 +1079,10 @@ def project_labels(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
         if end > start:
             for (span_start, span_end), span_label in zip(spans, span_labels):
                 overlaps = start < span_end and end > span_start
-                if overlaps and span_label == UNSUPPORTED:
-                    label = UNSUPPORTED  # and it stays so
-                elif overlaps and span_label == SUPPORTED and label == NEUTRAL:
-                    label = SUPPORTED
+                if overlaps and span_label == MINUS:
+                    label = MINUS  # and it stays so
+                elif overlaps and span_label == PLUS and label == NEUTRAL:
+                    label = PLUS
         labels.append(label)
     return labels
 
@@ -1112,7 +1131,7 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
         supported.append([p >= threshold for p, _ in row])
         if reward == "supported":
             row_spans = claims[i]
-            row_verdicts = [SUPPORTED if ok else UNSUPPORTED for ok in supported[i]]
+            row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
         else:
             context, question = item["context"], item["question"]
             asked = verifier.question_clause(context, question)
@@ -1133,7 +1152,7 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
 # ==== 6. Credit =================================================================================
 CREDIT_MODES = ("balanced", "balanced-group", "fspo", "token", "response")
 GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
-NO_CLAIM_REWARD = 0.5  # a response with no +1 or -1 span: neither rewarded nor punished
+NO_CLAIM_REWARD = 0.5  # a response with no +1 or -1 span: half-way between right and wrong
 
 
 def response_rewards(verdicts: list[list[int]]) -> torch.Tensor:
@@ -1145,8 +1164,8 @@ def response_rewards(verdicts: list[list[int]]) -> torch.Tensor:
     """
     rewards = []
     for row in verdicts:
-        plus = sum(1 for label in row if label == SUPPORTED)
-        minus = sum(1 for label in row if label == UNSUPPORTED)
+        plus = sum(1 for label in row if label == PLUS)
+        minus = sum(1 for label in row if label == MINUS)
         if plus + minus:
             rewards.append(plus / (plus + minus))
         else:
@@ -1187,31 +1206,33 @@ def fspo_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """FSPO (Li et al. 2025, arXiv 2505.24630): GRPO's g_i with its sign set by each token's label.
 
-    +|g_i| on supported tokens, -|g_i| on unsupported tokens, g_i on neutral ones: (B, T).
+    +|g_i| on +1 tokens, -|g_i| on -1 tokens, g_i on neutral ones: (B, T).
     Token-level but not balanced: a response's total grows with its length.
     Example: labels [[1, -1, 0], [0, 0, 0]], mask ones(2, 3), rewards [0.5, 1], G 2
              -> [[.707, -.707, -.707], [.707, .707, .707]]
     """
     g = response_credit(rewards, mask, group_size)  # (B, T)
-    signed = torch.where(labels == UNSUPPORTED, -g.abs(), g)
-    signed = torch.where(labels == SUPPORTED, g.abs(), signed)
+    signed = torch.where(labels == MINUS, -g.abs(), g)
+    signed = torch.where(labels == PLUS, g.abs(), signed)
     return signed * mask.float()
 
 
 def balanced_credit(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BALTO: +1 / N+ on supported tokens, -1 / N- on unsupported ones, 0 elsewhere: (B, T).
+    """BALTO: +1 / N+ on +1 tokens, -1 / N- on -1 tokens, 0 elsewhere: (B, T).
 
-    Each response moves 1 of credit up and 1 down (when it has both kinds), whatever its
-    length; appending neutral tokens changes nothing. There is no group comparison: a response
-    that states nothing checkable gets no credit at all. A size lam would scale every row
-    alike and matched scale would divide it out again, so this mode has none.
+    N+ and N- count the response's +1 and -1 tokens. Each response moves 1 of credit up and 1
+    down (when it has both kinds), whatever its length; appending neutral tokens changes its
+    credit in no way (matched scale and the loss's token count then scale the whole batch
+    alike). There is no group comparison: a response with no +1 or -1 token gets no credit at
+    all. A size lam would scale every row alike and matched scale would divide it out again, so
+    this mode has none.
     Example: labels [[1, 1, -1, 0]], mask [[1, 1, 1, 1]] -> [[0.5, 0.5, -1.0, 0.0]]
     """
-    supported = ((labels == SUPPORTED) & mask.bool()).float()  # (B, T)
-    unsupported = ((labels == UNSUPPORTED) & mask.bool()).float()  # (B, T)
-    n_supported = supported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    n_unsupported = unsupported.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    return supported / n_supported - unsupported / n_unsupported
+    plus = ((labels == PLUS) & mask.bool()).float()  # (B, T)
+    minus = ((labels == MINUS) & mask.bool()).float()  # (B, T)
+    n_plus = plus.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    n_minus = minus.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return plus / n_plus - minus / n_minus
 
 
 def balanced_group_credit(labels: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
@@ -1485,7 +1506,8 @@ def detached(scores):
 # ==== 9. Evaluate ===============================================================================
 EVAL_SEED = 2026
 COPY_RUN = 8  # words: a response word inside a run this long that the context also has is copied
-# Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two.
+# Per held-out prompt, evaluate() keeps these sums over its samples; every metric is a ratio of two
+# of these sums, or (Q) the harmonic mean of two ratios.
 PROMPT_COUNTS = ("responses", "claims", "supported", "hallucinated", "invented", "tokens",
                  "scored", "f1", "stated", "words", "copied", "bare")
 
@@ -1662,10 +1684,10 @@ HELD_OUT_METRICS = [("faithfulness", "faithfulness"),
                     ("claims per response", "claims_per_response"),
                     (f"copy rate ({COPY_RUN}-word runs)", "copy_rate"),
                     (f"bare answers (<= {BARE_ANSWER_WORDS} words)", "bare_answer_rate")]
-COLOUR_OPEN = {SUPPORTED: "\033[32m", UNSUPPORTED: "\033[31m"}  # green, red
-COLOUR_CLOSE = {SUPPORTED: "\033[0m", UNSUPPORTED: "\033[0m"}
-BRACKET_OPEN = {SUPPORTED: "[+", UNSUPPORTED: "[-"}
-BRACKET_CLOSE = {SUPPORTED: "+]", UNSUPPORTED: "-]"}
+COLOUR_OPEN = {PLUS: "\033[32m", MINUS: "\033[31m"}  # green, red
+COLOUR_CLOSE = {PLUS: "\033[0m", MINUS: "\033[0m"}
+BRACKET_OPEN = {PLUS: "[+", MINUS: "[-"}
+BRACKET_CLOSE = {PLUS: "+]", MINUS: "-]"}
 
 
 def format_table(setting: str, before: dict | None, after: dict) -> str:
@@ -1690,7 +1712,7 @@ def with_interval(metrics: dict, key: str) -> str:
 
 
 def render_rollout(example: dict, colour: bool) -> str:
-    """Response text, supported tokens green and unsupported red ([+ +] / [- -] if no terminal)."""
+    """Response text, +1 tokens green and -1 red ([+ +] / [- -] if no terminal)."""
     if colour:
         opens, closes = COLOUR_OPEN, COLOUR_CLOSE
     else:
@@ -1729,7 +1751,7 @@ def step_record(step: int, result: StepResult) -> dict:
               "credit_rms": result.credit_rms,
               "claims": n_claims,
               "faithfulness": n_supported / n_claims if n_claims else 1.0,
-              "answering": sum(row.count(SUPPORTED) for row in verdict.verdicts)}
+              "answering": sum(row.count(PLUS) for row in verdict.verdicts)}
     for label, name in LABEL_NAMES.items():
         record[f"{name}_tokens"] = int(((labels == label) & mask).sum())
     record["kl"] = result.kl
@@ -1746,7 +1768,7 @@ def step_record(step: int, result: StepResult) -> dict:
     record["rewards"] = result.rewards.tolist()  # every row's r_i, for tools/report.py
     record["mixed"] = None  # a response with +1 and -1 spans, where the modes differ
     for row, verdicts in enumerate(verdict.verdicts):
-        if SUPPORTED in verdicts and UNSUPPORTED in verdicts:
+        if PLUS in verdicts and MINUS in verdicts:
             example = example_record(batch, verdict, result.credit, row, result.token_logs)
             record["mixed"] = {"row": row, **example}
             break
@@ -1833,7 +1855,7 @@ def run(cfg: Config, make_objective=token_objective) -> dict:
                                        "before")
         bar = tqdm(range(1, cfg.steps + 1), desc="balto", dynamic_ncols=True)
         for step in bar:
-            while len(queue) < cfg.prompts_per_step:  # the shuffled training set, epoch by epoch
+            while len(queue) < cfg.prompts_per_step:  # the shuffled training set, pass by pass
                 queue += order.sample(train_items, len(train_items))
             prompts = queue[:cfg.prompts_per_step]
             queue = queue[cfg.prompts_per_step:]
@@ -1893,10 +1915,6 @@ def main(argv: list[str] | None = None, make_objective=token_objective) -> dict:
 
 
 # ==== 12. Plumbing you need not read: options, errors, device and dtype, loading the policy =====
-class BaltoError(Exception):
-    """A user-facing problem (bad input, missing model): printed as one line, exit code 2."""
-
-
 LIMITS = [  # (Config fields, rule, the rule in words)
     (("prompts_per_step", "group_size", "max_new_tokens", "epochs", "eval_size",
       "eval_samples"), lambda v: v >= 1, "at least 1"),
@@ -1918,7 +1936,7 @@ def parse_args(argv: list[str] | None) -> Config:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if type(f.default) is bool:  # --match-scale / --no-match-scale
+        if type(f.default) is bool:  # --eval-before / --no-eval-before
             parser.add_argument(flag, default=f.default, help=f.metadata["help"],
                                 action=argparse.BooleanOptionalAction)
         elif type(f.default) is tuple:  # --data a.jsonl b.jsonl
@@ -2043,7 +2061,7 @@ class StaticCacheSampler:
     test_static_cache_sampler_draws_what_sample_draws).
     Each prompt is prefilled G times (older static caches cannot repeat rows), and the cache
     length is rounded up to a multiple of CACHE_STEP, so varying prompt lengths compile a few
-    shapes, not one per batch. run() uses it on CUDA; elsewhere sample() is the sampler.
+    shapes, not one per batch. build_models picks it on CUDA; elsewhere sample() is the sampler.
     """
 
     CACHE_STEP = 512  # tokens: cache lengths are multiples of it (one length for our data)
@@ -2060,7 +2078,7 @@ class StaticCacheSampler:
     @torch.inference_mode()
     def sample(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                group_size: int, temperature: float, max_new_tokens: int, eos_id: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The signature and the result of sample(): (N, P) -> (N * G, S) ids, their log-probs."""
         from transformers import StaticCache
 

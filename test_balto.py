@@ -1250,7 +1250,7 @@ def test_smoke_run_of_main_for_each_credit_mode(tiny_dir, tmp_path, credit):
     steps = [r for r in log if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2]
     for record in steps:
-        assert record["supported_tokens"] + record["unsupported_tokens"] + record["neutral_tokens"] > 0
+        assert record["plus_tokens"] + record["minus_tokens"] + record["neutral_tokens"] > 0
         assert len(record["example"]["tokens"]) == len(record["example"]["credit"])
         assert 0 <= record["truncated"] <= 1
         assert len(record["rewards"]) == 4  # r_i of every row, for tools/report.py

@@ -59,7 +59,7 @@ def first_errors(labels: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, in
     """
     errors = []
     for row in range(len(labels)):
-        unsupported = ((labels[row] == balto.UNSUPPORTED) & mask[row].bool()).nonzero()
+        unsupported = ((labels[row] == balto.MINUS) & mask[row].bool()).nonzero()
         if len(unsupported):
             errors.append((row, int(unsupported[0])))
     return errors

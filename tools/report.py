@@ -66,7 +66,7 @@ def credit_under_every_mode(example: dict, rewards: list[float], row: int, group
 
 
 def credit_totals(labels: list[int], credit: list[float]) -> str:
-    """The credit a response carries on its +1 (supported), 0 (neutral) and -1 (unsupported) tokens."""
+    """The credit a response carries on its +1 (plus), 0 (neutral) and -1 (minus) tokens."""
     sums = {name: sum(c for l, c in zip(labels, credit) if l == label)
             for label, name in balto.LABEL_NAMES.items()}
     return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
@@ -197,8 +197,8 @@ LEGEND = (
     "abstention). Hover a token for its label and credit, a claim for its verifier score.</p>")
 CURVES = [("reward (mean r_i)", "reward"), ("faithfulness of rollouts", "faithfulness"),
           ("answering spans (+1)", "answering"), ("KL (k3)", "kl"),
-          ("response length (tokens)", "response_len"), ("supported tokens", "supported_tokens"),
-          ("unsupported tokens", "unsupported_tokens"), ("sampling drift", "sampling_drift")]
+          ("response length (tokens)", "response_len"), ("+1 tokens", "plus_tokens"),
+          ("-1 tokens", "minus_tokens"), ("sampling drift", "sampling_drift")]
 
 
 def lean_by_label(steps: list[dict]) -> str:

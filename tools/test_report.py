@@ -94,7 +94,7 @@ def write_log(path, steps=3, finished=True, mixed=True, settings=("data_sample",
     for s in range(1, steps + 1):
         lines.append({"event": "step", "step": s, "reward": 0.1 * s, "faithfulness": 0.5, "answering": s,
                       "kl": 0.01 * s, "sampling_drift": 0.001 * s, "response_len": 20 - s,
-                      "supported_tokens": 10 + s, "unsupported_tokens": 10 - s, "example": ALL_SUPPORTED,
+                      "plus_tokens": 10 + s, "minus_tokens": 10 - s, "example": ALL_SUPPORTED,
                       "rewards": [1.0, 0.5, 0.0, 0.5], "mixed": MIXED if mixed else None})
     if finished:
         lines += [evaluation("after", name, 8 + k, shift=0.1) for k, name in enumerate(settings)]
@@ -112,9 +112,9 @@ def test_credit_of_each_mode_is_the_row_of_assign_credit_over_the_whole_group():
         expected = balto.assign_credit(mode, labels, torch.ones(2, 11), rewards, 2, 1.0)[1]
         torch.testing.assert_close(torch.tensor(credits[mode]), expected)
     assert report.credit_totals(LABELS, credits["balanced"]) == \
-        "supported +1.000 neutral +0.000 unsupported -1.000"
+        "plus +1.000 neutral +0.000 minus -1.000"
     assert report.credit_totals(LABELS, credits["token"]) == \
-        "supported +4.000 neutral +0.000 unsupported -6.000"
+        "plus +4.000 neutral +0.000 minus -6.000"
 
 
 def test_page_shows_every_token_with_colours_that_follow_credit(tmp_path):
@@ -135,7 +135,7 @@ def test_page_shows_every_token_with_colours_that_follow_credit(tmp_path):
         colour = {1: "rgba(22,163,74", -1: "rgba(220,38,38", 0: "rgb(229,231,235)"}[token["label"]]
         assert token["style"].startswith(f"background:{colour}")
     assert 'title="claim: p(supported) = 0.120 (unsupported)"' in page
-    assert "total credit: supported +1.000 neutral +0.000 unsupported -1.000" in page
+    assert "total credit: plus +1.000 neutral +0.000 minus -1.000" in page
     assert "<td>faithfulness</td><td>0.500 [0.400, 0.600]</td><td>0.600 [0.500, 0.700]</td>" in page
     assert "<td>answer recall (stated)</td><td>0.250 [0.150, 0.350]</td>" in page  # the terminal's labels
     assert "q_score" not in page.split("<h2>Configuration")[0] and "key-term" not in page
