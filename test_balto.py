@@ -1059,6 +1059,26 @@ def test_malformed_json_names_the_file_and_line(tmp_path, capsys):
     assert f"{data}:3: malformed JSON" in err
 
 
+@pytest.mark.parametrize("lines,message", [
+    ([{"context": "A.", "question": "Q?", "split": "train"}, {"context": "B.", "question": "Q?", "split": "test"}],
+     "f.jsonl:2: field 'split' must be 'train' or 'heldout' (got 'test')"),
+    ([{"context": "A.", "question": "Q?", "split": "train"}, {"context": "B.", "question": "Q?"}],
+     "f.jsonl:2: field 'split' is missing (other lines of this file have one"),
+])
+def test_a_bad_or_missing_split_names_the_line(tmp_path, capsys, lines, message):
+    data = write_jsonl(tmp_path / "f.jsonl", [json.dumps(line) for line in lines])
+    assert message in run_main_error(["--data", str(HERE / "data_sample.jsonl"), data], capsys)
+
+
+def test_each_data_file_is_a_setting_with_its_own_held_out_items(tmp_path):
+    marked = [{"context": f"C{i}.", "question": "Q?", "split": "heldout" if i < 3 else "train"} for i in range(8)]
+    public = write_jsonl(tmp_path / "pub.jsonl", [json.dumps(line) for line in marked])
+    train, held_out = balto.load_settings((str(HERE / "data_sample.jsonl"), public), 2)
+    assert list(held_out) == ["data_sample", "pub"] and len(held_out["pub"]) == 2  # the first --eval-size marked
+    assert len(train) == 168 - 2 + 5 and all(item["split"] == "train" for item in train if "split" in item)
+    assert not {item["id"] for item in train} & {item["id"] for items in held_out.values() for item in items}
+
+
 @pytest.mark.parametrize("bad,field,problem", [
     ({"question": "How many?"}, "context", "missing"),
     ({"context": "  ", "question": "How many?"}, "context", "empty"),
