@@ -7,7 +7,9 @@ sampling, seed 0) are judged as in training. balanced-group is a transfer part (
 tokens) plus the group part g_i / L_i; the transfer part is proportional to lambda, so lambda =
 RMS(group part) / RMS(transfer part at lambda 1), the RMS over every response token, as matched scale
 takes it. Printed to two significant digits. (Rule 3 also gave zero-sum, removed by the rule after its
-runs, lambda 1.6: this script at commit b8bccb0.)
+runs, lambda 1.6: this script at commit b8bccb0.) --lam's default, 0.69, was measured at commit
+d7e7929 under v3's reward, "supported", which this script keeps; balanced-group was not in v4's
+comparison, so it has not been measured again under the answering reward.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
+
+REWARD = "supported"  # v3's labels, under which --lam's default was measured
 
 
 def main(data: str) -> None:
@@ -38,7 +42,7 @@ def main(data: str) -> None:
     group_sq = transfer_sq = 0.0  # sums of squares over response tokens
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
-        verdict = balto.judge(verifier, batch, cfg.support_threshold, cfg.reward)
+        verdict = balto.judge(verifier, batch, cfg.support_threshold, REWARD)
         rewards = balto.response_rewards(verdict.verdicts)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
