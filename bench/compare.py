@@ -5,7 +5,7 @@ metric, with paired bootstrap intervals.
     python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
-are under "after"). Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS) for each
+are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained". Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS) for each
 setting (a --data file). One bootstrap draw resamples each setting's held-out prompts on their own
 and applies the same draw to every run, so the interval of a difference between two modes is paired:
 prompt difficulty cancels, and what is left is the modes' own difference.
@@ -45,7 +45,12 @@ def load(root: Path) -> tuple[dict, dict, set]:
     for path in sorted(root.glob("*/metrics.json")):
         match = re.fullmatch(r"(.+)-s(\d+)", path.parent.name)
         name, seed = (match.group(1), int(match.group(2))) if match else (path.parent.name, 0)
-        after = json.loads(path.read_text())["after"]
+        metrics = json.loads(path.read_text())
+        after = metrics["after"]
+        before = metrics.get("before")
+        if before and "per_prompt" not in before and "untrained" not in runs:  # scored before training
+            runs["untrained"] = {0: {setting: torch.tensor(m["per_prompt"], dtype=torch.float64)
+                                     for setting, m in before.items()}}
         if "per_prompt" in after:  # the old format: one setting, no name
             after = {OLD_SETTING: after}
             old.add((name, seed))
