@@ -56,7 +56,7 @@ def step_time() -> None:
     cfg = balto.Config()
     policy, tokenizer = balto.load_policy(cfg.model)
     policy.eval()
-    items = balto.load_items(cfg.data)[:cfg.prompts_per_step]
+    items = balto.load_items(cfg.data[0])[:cfg.prompts_per_step]  # the written set
     torch.manual_seed(0)
     batch = balto.rollout(policy, tokenizer, items, cfg.group_size, cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0, fused=True)  # lr 0: the weights stay

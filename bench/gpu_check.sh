@@ -36,7 +36,7 @@ start=$(date +%s)
 timeout 330 $python balto.py --output-dir "$out/default" > "$out/default.out" 2>&1
 echo "exit $?; wall time $(( $(date +%s) - start )) s (loading, compiling, 60 steps, two evaluations)"
 grep -E "^(policy|note)" "$out/default.out"
-sed -n '/^held-out metric/,/^saved/p' "$out/default.out"
+sed -n '/^data_sample (/,/^saved/p' "$out/default.out"
 $python bench/steps.py "$out/default"
 fi
 

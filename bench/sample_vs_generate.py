@@ -20,14 +20,14 @@ import balto  # noqa: E402
 cfg = balto.Config()
 policy, tokenizer = balto.load_policy(cfg.model)
 policy.eval()
-train, _ = balto.split_items(balto.load_items(cfg.data), cfg.eval_size, cfg.data)
+train, _ = balto.split_items(balto.load_items(cfg.data[0]), cfg.eval_size, cfg.data[0])  # the written set
 tokenizer.padding_side = "left"
 enc = balto.tokenize_prompts(tokenizer, train[:cfg.prompts_per_step], return_tensors="pt", padding=True)
 G, eos = cfg.group_size, tokenizer.eos_token_id
 
 
 def ours():
-    return balto.sample(policy, enc.input_ids, enc.attention_mask, G, cfg.temperature, cfg.max_new_tokens, eos)
+    return balto.sample(policy, enc.input_ids, enc.attention_mask, G, cfg.temperature, cfg.max_new_tokens, eos)[0]
 
 
 @torch.inference_mode()

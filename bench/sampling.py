@@ -39,7 +39,7 @@ def main() -> None:
     policy, tokenizer = balto.load_policy(cfg.model)
     model = policy.to(device, dtype).eval()
     tokenizer.padding_side = "left"
-    items = balto.load_items(cfg.data)[:cfg.prompts_per_step]
+    items = balto.load_items(cfg.data[0])[:cfg.prompts_per_step]  # the written set
     enc = balto.tokenize_prompts(tokenizer, items, return_tensors="pt", padding=True).to(device)
     samplers = {"sample (eager loop)": balto.sample,
                 "StaticCacheSampler": balto.StaticCacheSampler().sample}
