@@ -5,7 +5,8 @@ metric, with paired bootstrap intervals.
     python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
-are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained". Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS) for each
+are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained".
+Each run's evaluation keeps per-prompt counts (balto.PROMPT_COUNTS) for each
 setting (a --data file). One bootstrap draw resamples each setting's held-out prompts on their own
 and applies the same draw to every run, so the interval of a difference between two modes is paired:
 prompt difficulty cancels, and what is left is the modes' own difference.

@@ -38,7 +38,8 @@ def main(n_prompts: int) -> None:
             tokens += len(sampled)
             if again != sampled:
                 differ += 1
-                changed += sum(a != b for a, b in zip(again, sampled)) + abs(len(again) - len(sampled))
+                changed += sum(a != b for a, b in zip(again, sampled))
+                changed += abs(len(again) - len(sampled))
     print(f"{differ} of {rows} sampled responses re-encode to other ids "
           f"({changed} of {tokens} token positions differ)")
 

@@ -118,7 +118,8 @@ def convert_squad(raw: dict, stats: Counter) -> list[dict]:
     """Items from SQuAD v1.1 data, in file order, filtered (see the module docstring)."""
     items = []
     for key in ("context too long", "answer too long", "answer not in context",
-                f"over {SQUAD_PER_PARAGRAPH} per paragraph", f"over {SQUAD_PER_ARTICLE} per article"):
+                f"over {SQUAD_PER_PARAGRAPH} per paragraph",
+                f"over {SQUAD_PER_ARTICLE} per article"):
         stats[f"dropped: {key}"] += 0  # listed even when nothing was dropped
     for article in raw["data"]:
         in_article = 0

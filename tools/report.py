@@ -67,7 +67,7 @@ def credit_under_every_mode(example: dict, rewards: list[float], row: int, group
 
 def credit_totals(labels: list[int], credit: list[float]) -> str:
     """The credit a response carries on its +1 (plus), 0 (neutral) and -1 (minus) tokens."""
-    sums = {name: sum(c for l, c in zip(labels, credit) if l == label)
+    sums = {name: sum(c for token_label, c in zip(labels, credit) if token_label == label)
             for label, name in balto.LABEL_NAMES.items()}
     return " ".join(f"{name} {value:+.3f}" for name, value in sums.items())
 
