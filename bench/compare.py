@@ -3,6 +3,7 @@ metric, with paired bootstrap intervals.
 
     python bench/compare.py runs/v4                    # every <mode>-s<seed>/metrics.json under it
     python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
+    python bench/compare.py runs/v4 --metric hallucination_rate   # rule 5's tie-break
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
 are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained".
@@ -11,7 +12,8 @@ setting (a --data file). One bootstrap draw resamples each setting's held-out pr
 and applies the same draw to every run, so the interval of a difference between two modes is paired:
 prompt difficulty cancels, and what is left is the modes' own difference.
 
-The primary metric is the mean over settings of Q (each setting's Q first, then their mean). Its
+The primary metric is the mean over settings of Q (each setting's Q first, then their mean); --metric
+puts another column of the tables in Q's place there (rule 5 breaks a tie on hallucination). Its
 paired differences (--pairs A:B,..., default every mode against balanced) say "differs" when the 95%
 interval excludes 0 and every seed's difference (seeds matched by number) has the interval's sign.
 
@@ -77,9 +79,9 @@ def seed_metrics(mode: str, per_seed: dict, picks: dict | None, old: set) -> dic
     return by_seed
 
 
-def primary(by_seed: dict, settings: list[str]) -> dict[int, torch.Tensor]:
-    """Each seed's primary metric: the mean over settings of that setting's Q."""
-    return {seed: torch.stack([m[s]["q_score"] for s in settings]).mean(0) for seed, m in by_seed.items()}
+def primary(by_seed: dict, settings: list[str], key: str = "q_score") -> dict[int, torch.Tensor]:
+    """Each seed's primary metric: the mean over settings of that setting's Q (or metric key)."""
+    return {seed: torch.stack([m[s][key] for s in settings]).mean(0) for seed, m in by_seed.items()}
 
 
 def seed_averaged(by_seed: dict, setting: str) -> dict[str, torch.Tensor]:
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("root", nargs="?", default="runs/v3", help="a directory of <mode>-s<seed> runs")
     parser.add_argument("--pairs", default="", help="A:B,C:D: the primary's paired differences A - B "
                                                     "(default: every mode against balanced)")
+    parser.add_argument("--metric", default="q_score", choices=KEYS,
+                        help="the metric averaged over settings as the primary (default: Q)")
     args = parser.parse_args(argv)
     runs, walls, old = load(Path(args.root))
     if not runs:
@@ -131,9 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     picks = {s: torch.randint(prompts[s], (RESAMPLES, prompts[s]), generator=generator) for s in settings}
     per_seed_point = {m: seed_metrics(m, s, None, old) for m, s in runs.items()}
     per_seed_draws = {m: seed_metrics(m, s, picks, old) for m, s in runs.items()}
-    seed_primary = {m: primary(v, common) for m, v in per_seed_point.items()}
+    seed_primary = {m: primary(v, common, args.metric) for m, v in per_seed_point.items()}
     point = {m: float(torch.stack(list(v.values())).mean()) for m, v in seed_primary.items()}
-    draws = {m: torch.stack(list(primary(v, common).values())).mean(0) for m, v in per_seed_draws.items()}
+    draws = {m: torch.stack(list(primary(v, common, args.metric).values())).mean(0)
+             for m, v in per_seed_draws.items()}
 
     # the untrained policy first, then each KL weight's runs by the primary metric
     order = sorted(runs, key=lambda m: (m != "base", "-kl" in m, -point[m]))
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"| {'untrained' if m == 'base' else m} | {len(runs[m])} | " + " | ".join(
                 cell(p[k], d[k], 1 if k == "response_len" else 3) for k in KEYS) + f" | {spread(q)} |")
 
-    print(f"\nPrimary: the mean over settings ({', '.join(common)}) of Q\n")
+    name = HEADS[KEYS.index(args.metric)]
+    print(f"\nPrimary: the mean over settings ({', '.join(common)}) of {name}\n")
     print("| run | seeds | primary | per seed (SD) | wall (min) |")
     print("| --- " * 5 + "|")
     for m in order:

@@ -105,6 +105,24 @@ def test_differs_only_when_the_interval_excludes_0_and_every_seed_agrees(tmp_pat
     assert found["balanced - fspo"].endswith("differs") and "s0 -" in found["balanced - fspo"]
 
 
+def naive_hallucination(table):
+    hallucinated = sum(r[balto.PROMPT_COUNTS.index("hallucinated")] for r in table)
+    scored = sum(r[balto.PROMPT_COUNTS.index("scored")] for r in table)
+    return hallucinated / scored
+
+
+def test_metric_puts_another_column_in_qs_place(tmp_path, capsys):
+    point = compare.main([str(write_runs(tmp_path)), "--metric", "hallucination_rate"])
+    out = capsys.readouterr().out
+    for mode in ("balanced", "fspo"):
+        seeds = [settings for name, settings in RUNS.items() if name.rsplit("-s", 1)[0] == mode]
+        want = sum(sum(naive_hallucination(t) for t in settings.values()) / len(settings)
+                   for settings in seeds) / len(seeds)
+        assert point[mode] == pytest.approx(want, abs=1e-12)
+    assert point["fspo"] < point["balanced"]  # one more supported claim on every beta prompt
+    assert "of hallucination" in out and verdicts(out)["fspo - balanced"].endswith("differs")
+
+
 def test_an_old_metrics_json_is_the_setting_data_sample_without_answer_recall(tmp_path, capsys):
     for name, q in (("balanced-s0", ALPHA), ("fspo-s0", shifted(ALPHA, 0, 1.0))):
         (tmp_path / name).mkdir()
