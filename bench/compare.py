@@ -4,6 +4,7 @@ metric, with paired bootstrap intervals.
     python bench/compare.py runs/v4                    # every <mode>-s<seed>/metrics.json under it
     python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
     python bench/compare.py runs/v4 --metric hallucination_rate   # rule 5's tie-break
+    python bench/compare.py runs/v4 --settings squad              # one setting's differences
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
 are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained".
@@ -13,7 +14,8 @@ and applies the same draw to every run, so the interval of a difference between 
 prompt difficulty cancels, and what is left is the modes' own difference.
 
 The primary metric is the mean over settings of Q (each setting's Q first, then their mean); --metric
-puts another column of the tables in Q's place there (rule 5 breaks a tie on hallucination). Its
+puts another column of the tables in Q's place there (rule 5 breaks a tie on hallucination), and
+--settings averages a chosen few (rule 5 reports where modes differ per setting). Its
 paired differences (--pairs A:B,..., default every mode against balanced) say "differs" when the 95%
 interval excludes 0 and every seed's difference (seeds matched by number) has the interval's sign.
 
@@ -105,9 +107,12 @@ def spread(values: list[float]) -> str:
     return ", ".join(f"{v:.3f}" for v in values) + (f" ({float(q.std()):.3f})" if len(q) > 1 else "")
 
 
+UNTRAINED = ("base", "untrained")  # one policy, scored once: it pairs with every seed of a mode
+
+
 def paired_seeds(runs: dict, a: str, b: str) -> list[tuple[int, int]]:
     """(seed of a, seed of b) matched by number; the untrained policy (one run) pairs with every seed."""
-    if a == "base" or b == "base":
+    if a in UNTRAINED or b in UNTRAINED:
         return [(sa, sb) for sa in runs[a] for sb in runs[b]]
     return [(s, s) for s in sorted(set(runs[a]) & set(runs[b]))]
 
@@ -119,12 +124,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                     "(default: every mode against balanced)")
     parser.add_argument("--metric", default="q_score", choices=KEYS,
                         help="the metric averaged over settings as the primary (default: Q)")
+    parser.add_argument("--settings", default="",
+                        help="A,B: the settings the primary averages (default: every setting all runs have)")
     args = parser.parse_args(argv)
     runs, walls, old = load(Path(args.root))
     if not runs:
         parser.error(f"{args.root}: no */metrics.json")
     settings = sorted({s for per_seed in runs.values() for r in per_seed.values() for s in r})
     common = [s for s in settings if all(s in r for per_seed in runs.values() for r in per_seed.values())]
+    if args.settings:
+        chosen = args.settings.split(",")
+        if not set(chosen) <= set(common):
+            parser.error(f"--settings: {args.settings} is not a list of settings every run has ({', '.join(common)})")
+        common = chosen
     prompts = {}
     for s in settings:
         sizes = {len(r[s]) for per_seed in runs.values() for r in per_seed.values() if s in r}
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         per_seed = [float(seed_primary[a][sa] - seed_primary[b][sb]) for sa, sb in seeds]
         sign = 1 if low > 0 else -1 if high < 0 else 0  # the interval's sign; 0: it holds 0
         differs = sign != 0 and bool(per_seed) and all(x * sign > 0 for x in per_seed)
-        named = ", ".join(f"s{sa if b == 'base' else sb} {x:+.3f}" for (sa, sb), x in zip(seeds, per_seed))
+        named = ", ".join(f"s{sa if b in UNTRAINED else sb} {x:+.3f}" for (sa, sb), x in zip(seeds, per_seed))
         print(f"  {a} - {b}: {point[a] - point[b]:+.3f} [{low:+.3f}, {high:+.3f}]; per seed {named}: "
               f"{'differs' if differs else 'no difference'}")
     return point

@@ -2,17 +2,29 @@
 response tokens per second.
 
     python bench/steps.py runs/balto
+    python bench/steps.py bench/results/v4/balanced-s0   # a committed run: log.jsonl.gz
 """
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import sys
 from pathlib import Path
 
 
+def read_log(run_dir: str) -> list[dict]:
+    """The rows of a run's log.jsonl, or of the log.jsonl.gz that bench/results keeps instead."""
+    path = Path(run_dir) / "log.jsonl"
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = gzip.decompress((Path(run_dir) / "log.jsonl.gz").read_bytes()).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def main(run_dir: str) -> dict:
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    rows = read_log(run_dir)
     config = rows[0]
     steps = [row for row in rows if row["event"] == "step"]
     responses = config["prompts_per_step"] * config["group_size"]

@@ -123,6 +123,30 @@ def test_metric_puts_another_column_in_qs_place(tmp_path, capsys):
     assert "of hallucination" in out and verdicts(out)["fspo - balanced"].endswith("differs")
 
 
+def test_settings_average_only_the_chosen_settings(tmp_path, capsys):
+    point = compare.main([str(write_runs(tmp_path)), "--settings", "beta"])
+    for mode in ("balanced", "fspo", "token"):
+        seeds = [settings for name, settings in RUNS.items() if name.rsplit("-s", 1)[0] == mode]
+        want = sum(naive_q(settings["beta"]) for settings in seeds) / len(seeds)
+        assert point[mode] == pytest.approx(want, abs=1e-12)
+    assert "settings (beta) of Q" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        compare.main([str(tmp_path), "--settings", "gamma"])
+    assert error.value.code == 2
+
+
+def test_the_untrained_policy_pairs_with_every_seed(tmp_path, capsys):
+    write_runs(tmp_path)
+    path = tmp_path / "balanced-s0" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["before"] = {s: {"per_prompt": shifted(m["per_prompt"], -1)} for s, m in metrics["after"].items()}
+    path.write_text(json.dumps(metrics))  # balanced-s0 scored before training: the row "untrained"
+    compare.main([str(tmp_path), "--pairs", "untrained:balanced,balanced:untrained"])
+    found = verdicts(capsys.readouterr().out)
+    assert " s0 -" in found["untrained - balanced"] and " s1 -" in found["untrained - balanced"]
+    assert " s0 +" in found["balanced - untrained"] and " s1 +" in found["balanced - untrained"]
+
+
 def test_an_old_metrics_json_is_the_setting_data_sample_without_answer_recall(tmp_path, capsys):
     for name, q in (("balanced-s0", ALPHA), ("fspo-s0", shifted(ALPHA, 0, 1.0))):
         (tmp_path / name).mkdir()

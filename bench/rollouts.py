@@ -1,0 +1,53 @@
+"""The logged rollouts of a run's last 20 steps, each response with its labelled spans: the reading
+that rule 5 asks for beside the numbers (pasting, terseness, questions, hedging).
+
+    python bench/rollouts.py bench/results/v4/response-s2
+
+Each step logs one response of its batch (balto.py section 10). A span is marked [+ +] answering
+(or supported, under --reward supported), [- -] unsupported, [0 0] neutral; text outside the marks
+is not a claim. "mean reward" is the step's mean over its responses; "credit" is the credit on the
+response's first token (a whole-response mode gives every token the same).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps import read_log  # noqa: E402
+
+LAST = 20  # steps 41-60 of a 60-step run
+MARKS = {1: "+", -1: "-", 0: "0"}
+
+
+def marked(text: str, spans: list) -> str:
+    """The text with each labelled span (start, end, label) wrapped in its mark, on one line.
+
+    >>> marked("It is 8. Or 9.", [[0, 8, 1], [9, 14, -1]])
+    '[+ It is 8. +] [- Or 9. -]'
+    """
+    out, at = [], 0
+    for start, end, label in spans:
+        mark = MARKS[label]
+        out.append(text[at:start])
+        out.append(f"[{mark} {text[start:end]} {mark}]")
+        at = end
+    out.append(text[at:])
+    return "".join(out).replace("\n", " / ")
+
+
+def main(run_dir: str) -> list[str]:
+    steps = [row for row in read_log(run_dir) if row["event"] == "step"]
+    lines = []
+    for row in steps[-LAST:]:
+        example = row["example"]
+        credit = example["credit"][0] if example["credit"] else 0.0
+        lines.append(f"step {row['step']} (mean reward {row['reward']:.2f}, credit {credit:+.2f}): "
+                     f"{example['question']}")
+        lines.append("    " + marked(example["text"], example["spans"]))
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
