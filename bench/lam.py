@@ -50,7 +50,9 @@ def main(data: str) -> None:
         group_sq += float((group * mask).pow(2).sum())
         transfer_sq += float((transfer * mask).pow(2).sum())
     lam = math.sqrt(group_sq / transfer_sq)
-    print(f"balanced-group: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; {len(items)} prompts x {cfg.group_size})")
+    print(f"balanced-group: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; "
+          f"{len(items)} prompts x {cfg.group_size})")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -5,8 +5,9 @@
 
 Each NAME=POLICY (a saved run directory, or smollm2 for the untrained model) is evaluated on every item
 of each file (a setting, named by the file's stem, as balto.py's --data; of a file whose lines carry a
-split, the held-out prompts balto.py scores) at the default sampling settings and reward, and written to OUT/NAME/metrics.json as balto.py writes it ({"after": {setting:
-metrics}}), in the layout that `bench/compare.py OUT` tabulates with paired bootstrap intervals.
+split, the held-out prompts balto.py scores) at the default sampling settings and reward, and written
+to OUT/NAME/metrics.json as balto.py writes it ({"after": {setting: metrics}}), in the layout that
+`bench/compare.py OUT` tabulates with paired bootstrap intervals.
 """
 from __future__ import annotations
 
