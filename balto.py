@@ -510,6 +510,9 @@ CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "oka
              "glad", "hope", "helps", "help", "happy"}  # "Thanks!" is no short answer
 WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")  # a number (1,400 or 2.5) or a word
 ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
+# An initial ("Dwight D. Eisenhower", "U.S. exports") ends no sentence: names with initials are
+# common in the public contexts, a sentence ending in one capital letter ("Plan B.") is rare.
+INITIAL = re.compile(r"(?:^|[\s(.])[A-Z]\.$")
 
 
 def extract_claims(text: str) -> list[tuple[int, int]]:
@@ -540,7 +543,8 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
 def segment(text: str) -> list[tuple[int, int]]:
     """Sentence and clause spans [start, end) of text: split after . ! ? ; and at line breaks.
 
-    A full stop between digits (1.2) or after a title (Dr.) does not end a sentence.
+    A full stop between digits (1.2), after a title (Dr.) or after an initial (D.) does not end a
+    sentence.
     Example: "Paris is big. It has 2.1 million people; most walk." -> the spans of
              "Paris is big.", "It has 2.1 million people;", "most walk."
     """
@@ -549,6 +553,8 @@ def segment(text: str) -> list[tuple[int, int]]:
     for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
         before = text[start:match.start()]
         if any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
+            continue
+        if "\n" not in match.group() and INITIAL.search(before):
             continue
         spans.append((start, match.start()))
         start = match.end()
@@ -612,14 +618,30 @@ ANTONYMS = [("rose", "fell"), ("rise", "fall"), ("increase", "decrease"), ("up",
 OPPOSITE = {a: b for a, b in ANTONYMS} | {b: a for a, b in ANTONYMS}
 
 
+# Questions ask "How long did it run?" of a context that says "it ran": the past forms of common
+# verbs whose past is not base + "ed" (not "found", "saw" or "left": nouns and other verbs too).
+IRREGULAR = {"ran": "run", "began": "begin", "begun": "begin", "won": "win", "paid": "pay",
+             "sold": "sell", "bought": "buy", "built": "build", "made": "make", "held": "hold",
+             "led": "lead", "rose": "rise", "risen": "rise", "fell": "fall", "fallen": "fall",
+             "grew": "grow", "grown": "grow", "took": "take", "taken": "take", "gave": "give",
+             "given": "give", "went": "go", "gone": "go", "wrote": "write", "written": "write",
+             "spent": "spend", "met": "meet", "brought": "bring", "chose": "choose",
+             "chosen": "choose", "fought": "fight", "flew": "fly", "flown": "fly", "kept": "keep",
+             "lost": "lose", "sent": "send", "spoke": "speak", "spoken": "speak", "taught": "teach",
+             "told": "tell", "thought": "think", "became": "become", "came": "come", "knew": "know",
+             "known": "know", "drew": "draw", "drawn": "draw", "struck": "strike", "sank": "sink",
+             "sunk": "sink", "hit": "hit", "cost": "cost", "set": "set", "put": "put", "cut": "cut"}
+
+
 def stem(word: str) -> str:
     """Crude suffix stripping, so that 'boils', 'boiling' and 'boil', or 'prizes' and 'prize',
-    meet.
+    meet; an irregular past form meets its verb ('ran' and 'run').
 
-    Example: [stem(w) for w in ("Prizes", "prize", "received", "receive")]
-             -> ["priz", "priz", "receiv", "receiv"]
+    Example: [stem(w) for w in ("Prizes", "prize", "received", "receive", "ran", "runs")]
+             -> ["priz", "priz", "receiv", "receiv", "run", "run"]
     """
     word = word.lower().removesuffix("'s")
+    word = IRREGULAR.get(word, word)
     for suffix in ("ing", "ed", "s", "ly"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             word = word[:-len(suffix)]
@@ -1051,9 +1073,9 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
 def abstention_verdict(item: dict) -> int:
     """An abstention ("the context does not say") is right where the context holds no answer.
 
-    Whether it does cannot be read reliably from the words (bench/answerable.py), so this is the one
-    place the reward reads the reference answer: +1 where the reference abstains too, -1 where it
-    answers, 0 (neutral, as any text that asserts nothing) where the data has no reference.
+    Whether it does cannot be read reliably from the words (bench/answerable.py), so here the
+    reward reads the reference answer: +1 where the reference abstains too, -1 where it answers, 0
+    (neutral, as any text that asserts nothing) where the data has no reference.
     """
     reference = item.get("answer")
     if not reference:
@@ -1114,6 +1136,8 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
     items[i] is the item (context and question) that response texts[i] answers. reward
     "answering": +1 for a claim that answers (answer_verdicts) and a right abstention, 0 for a
     supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
+    Where the item's reference answer is an abstention, no claim answers (the one other place
+    the reward reads the reference, beside abstention_verdict).
     reward "supported" (v3): +1 for any supported claim, -1 for an unsupported one.
     """
     claims = [extract_claims(text) for text in texts]
@@ -1134,8 +1158,11 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
         else:
             context, question = item["context"], item["question"]
-            asked = verifier.question_clause(context, question)
-            asked_clause = with_table_header(context_clauses(context), asked)
+            if is_abstention(item.get("answer") or ""):  # the reference: no answer there
+                asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
+            else:
+                asked = verifier.question_clause(context, question)
+                asked_clause = with_table_header(context_clauses(context), asked)
             said = [text[start:end] for start, end in claims[i]]
             abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
             row_spans = claims[i] + abstentions

@@ -623,6 +623,15 @@ def test_segment_keeps_decimals_and_titles_together():
         "Dr. Hana Mori led it.", "Profit was 1.2 billion;", "costs fell.", "It opened in 2011."]
 
 
+def test_segment_keeps_initials_with_their_names():
+    text = "First conceived under Dwight D. Eisenhower, it grew. U.S. exports rose 4%. George A.\nB. Riedel"
+    assert [text[s:e] for s, e in balto.segment(text)] == [
+        "First conceived under Dwight D. Eisenhower, it grew.", "U.S. exports rose 4%.", "George A.",
+        "B. Riedel"]  # a line break still ends a clause
+    names = "The highest compensation went to George A. Riedel, with $149,987."
+    assert balto.extract_claims(names) == [(0, len(names))]
+
+
 def test_extract_claims_skips_abstentions_and_chit_chat():
     text = "Paris has 2.1 million people. The context does not say more. Thanks!"
     assert [text[s:e] for s, e in balto.extract_claims(text)] == ["Paris has 2.1 million people."]
@@ -721,6 +730,23 @@ def test_a_table_row_is_read_under_its_header_and_a_header_row_stands_for_the_ta
     verdict = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": "In which year was "
                                                             "Revenue larger?"}], ["2019."], [[]], 0.35, "answering")
     assert verdict.supported == [[True]] and verdict.verdicts == [[1]]  # the year sits in the header
+
+
+def test_where_the_reference_abstains_no_claim_answers():
+    context = "The startup Loomly makes software that schedules shifts for restaurants. It has 40 staff."
+    item = {"context": context, "question": "Who founded Loomly?", "answer": "The context does not say."}
+    texts = ["Loomly makes software that schedules shifts for restaurants.", "The context does not say."]
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item, item], texts, [[], []], 0.35, "answering")
+    assert verdict.supported[0] == [True] and verdict.verdicts == [[0], [1]]  # beside; a right abstention
+    answered = balto.judge_responses(balto.RuleVerifier(), [{**item, "answer": "Ada Berg."}], texts[:1], [[]], 0.35,
+                                     "answering")
+    assert answered.verdicts == [[1]]  # with an answering reference, the same claim is read as before
+
+
+def test_an_irregular_past_meets_its_verb():
+    assert [balto.stem(w) for w in ("ran", "run", "runs")] == ["run"] * 3
+    assert balto.stem("lost") == balto.stem("lose") and balto.stem("made") == balto.stem("making")
+    assert balto.question_overlap("How long did Project Apollo run?", "Apollo ran from 1961 to 1972") == 4
 
 
 def test_short_answers_are_claims_and_chit_chat_is_not():
