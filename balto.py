@@ -630,7 +630,7 @@ IRREGULAR = {"ran": "run", "began": "begin", "begun": "begin", "won": "win", "pa
              "lost": "lose", "sent": "send", "spoke": "speak", "spoken": "speak", "taught": "teach",
              "told": "tell", "thought": "think", "became": "become", "came": "come", "knew": "know",
              "known": "know", "drew": "draw", "drawn": "draw", "struck": "strike", "sank": "sink",
-             "sunk": "sink", "hit": "hit", "cost": "cost", "set": "set", "put": "put", "cut": "cut"}
+             "sunk": "sink"}
 
 
 def stem(word: str) -> str:
@@ -1077,12 +1077,16 @@ def abstention_verdict(item: dict) -> int:
     reward reads the reference answer: +1 where the reference abstains too, -1 where it answers, 0
     (neutral, as any text that asserts nothing) where the data has no reference.
     """
-    reference = item.get("answer")
-    if not reference:
+    if not item.get("answer"):
         return NEUTRAL
-    if is_abstention(reference):
+    if reference_abstains(item):
         return PLUS
     return MINUS
+
+
+def reference_abstains(item: dict) -> bool:
+    """The item's reference answer says the context holds no answer ("The context does not say")."""
+    return is_abstention(item.get("answer") or "")
 
 
 # ==== 5. Project ================================================================================
@@ -1158,7 +1162,7 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
         else:
             context, question = item["context"], item["question"]
-            if is_abstention(item.get("answer") or ""):  # the reference: no answer there
+            if reference_abstains(item):
                 asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
             else:
                 asked = verifier.question_clause(context, question)
