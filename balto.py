@@ -792,6 +792,28 @@ def with_table_header(clauses: list[str], index: int) -> str:
     return "\n".join([clause, *header])
 
 
+# A question that asks for a table's heading: "In which year ...?", "When was ... highest?"
+HEADING_QUESTION = re.compile(r"\b(?:years?|when|date|period)\b", re.IGNORECASE)
+
+
+def answer_source(clauses: list[str], index: int, question: str) -> str:
+    """The text whose new terms answer the question about clause index (answer_verdicts).
+
+    A table row is read under its headings (with_table_header), but a heading ("2018") answers
+    only a question that asks for one (HEADING_QUESTION): otherwise a bare year of the header
+    would answer "What was revenue in 2019?". A header row still stands for its whole table.
+    Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1, "What was revenue in 2019?")
+             -> "Revenue | 4,100 | 3,900"; with "In which year was revenue higher?" the header
+             row "| 2019 | 2018" follows it
+    """
+    framed = with_table_header(clauses, index)
+    heading_rows = framed.split("\n")[1:]
+    is_data_row = all(row in clauses[:index] for row in heading_rows)  # not the whole table
+    if heading_rows and is_data_row and not HEADING_QUESTION.search(question):
+        return clauses[index]
+    return framed
+
+
 def question_overlap(question: str, clause: str) -> int:
     """How much of the question a clause holds: 3 for each of its numbers and lower-case content
     words there, 1 for each name. The predicate locates an answer ("close in 1961"); the name
@@ -1166,7 +1188,7 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
                 asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
             else:
                 asked = verifier.question_clause(context, question)
-                asked_clause = with_table_header(context_clauses(context), asked)
+                asked_clause = answer_source(context_clauses(context), asked, question)
             said = [text[start:end] for start, end in claims[i]]
             abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
             row_spans = claims[i] + abstentions
@@ -1183,15 +1205,19 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
 # ==== 6. Credit =================================================================================
 CREDIT_MODES = ("balanced", "balanced-group", "fspo", "token", "response")
 GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group's mean and std
-NO_CLAIM_REWARD = 0.5  # a response with no +1 or -1 span: half-way between right and wrong
+# r_i of a response with no +1 or -1 span. Under "supported" it states nothing checkable: half-way
+# between right and wrong. Under "answering" it answers nothing (a stub, the question restated,
+# text beside the question): it earns what a wrong answer earns, or a group learns the stub.
+NO_CLAIM_REWARD = {"answering": 0.0, "supported": 0.5}
 
 
-def response_rewards(verdicts: list[list[int]]) -> torch.Tensor:
+def response_rewards(verdicts: list[list[int]], reward: str) -> torch.Tensor:
     """r_i = n+ / (n+ + n-) over response i's +1 and -1 spans (NO_CLAIM_REWARD if none): (B,).
 
-    Under reward "supported", the share of its claims that are supported; under "answering", a
-    claim beside the question counts as neither, like a response that says nothing checkable.
-    Example: [[1, -1], [], [1, 0], [0]] -> [0.5, 0.5, 1.0, 0.5]
+    Under reward "supported", the share of its claims that are supported; under "answering", the
+    share of its answers and wrong claims that answer, a claim beside the question counting as
+    neither.
+    Example: [[1, -1], [], [1, 0], [0]], "answering" -> [0.5, 0.0, 1.0, 0.0]
     """
     rewards = []
     for row in verdicts:
@@ -1200,7 +1226,7 @@ def response_rewards(verdicts: list[list[int]]) -> torch.Tensor:
         if plus + minus:
             rewards.append(plus / (plus + minus))
         else:
-            rewards.append(NO_CLAIM_REWARD)
+            rewards.append(NO_CLAIM_REWARD[reward])
     return torch.tensor(rewards)
 
 
@@ -1461,7 +1487,7 @@ def train_step(models: Models, tokenizer, verifier, items: list[dict], cfg: Conf
     sampled = time.perf_counter()
     verdict = judge(verifier, batch, cfg.support_threshold, cfg.reward)
     judged = time.perf_counter()
-    rewards = response_rewards(verdict.verdicts).to(device)
+    rewards = response_rewards(verdict.verdicts, cfg.reward).to(device)
     objective = make_objective(batch, verdict, rewards, models, tokenizer, verifier, cfg)
     loss, stats = update(models, batch, objective, cfg)
     updated = time.perf_counter()

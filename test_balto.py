@@ -127,9 +127,9 @@ def test_token_credit_is_the_masked_label():
 
 
 def test_response_rewards_and_group_normalised_credit_by_hand():
-    rewards = balto.response_rewards([[1, 1], [1, -1], [], [-1, 0]])
-    assert rewards.tolist() == [1.0, 0.5, balto.NO_CLAIM_REWARD, 0.0]
-    assert balto.response_rewards([[0, 0]]).tolist() == [balto.NO_CLAIM_REWARD]  # beside the question
+    rewards = balto.response_rewards([[1, 1], [1, -1], [], [-1, 0]], "supported")
+    assert rewards.tolist() == [1.0, 0.5, 0.5, 0.0]  # nothing checkable: half-way
+    assert balto.response_rewards([[], [0, 0], [-1]], "answering").tolist() == [0.0, 0.0, 0.0]  # answers nothing
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
     credit = balto.response_credit(rewards, mask, group_size=2, eps=0.0)
     # group (1.0, 0.5): mean 0.75, sample std 0.353553 -> +-0.707107; group (0.5, 0.0) likewise
@@ -732,6 +732,18 @@ def test_a_table_row_is_read_under_its_header_and_a_header_row_stands_for_the_ta
     assert verdict.supported == [[True]] and verdict.verdicts == [[1]]  # the year sits in the header
 
 
+def test_a_header_year_answers_only_a_question_that_asks_for_one():
+    clauses = balto.context_clauses("| Item | 2019 | 2018\nRevenue | 4,100 | 3,900\nCosts | 1,200 | 1,100")
+    assert balto.answer_source(clauses, 1, "What was Revenue in 2019?") == "Revenue | 4,100 | 3,900"
+    assert balto.answer_source(clauses, 1, "In which year was Revenue larger?") == balto.with_table_header(clauses, 1)
+    assert balto.answer_source(clauses, 0, "What does the table show?") == "\n".join(clauses)  # the whole table
+    context = "| Item | 2019 | 2018\nNet revenue | 4,100 | 3,900"
+    item = {"context": context, "question": "What was net revenue in 2019?"}
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 2, ["2018.", "Net revenue was 4,100."], [[], []],
+                                    0.35, "answering")
+    assert verdict.supported == [[True], [True]] and verdict.verdicts == [[0], [1]]
+
+
 def test_where_the_reference_abstains_no_claim_answers():
     context = "The startup Loomly makes software that schedules shifts for restaurants. It has 40 staff."
     item = {"context": context, "question": "Who founded Loomly?", "answer": "The context does not say."}
@@ -762,7 +774,7 @@ def test_reward_supported_labels_every_claim_by_support_alone():
     supported = balto.judge_responses(balto.RuleVerifier(), [item], [text], [[]], 0.35, "supported")
     assert supported.verdicts == [[1, 1]] and supported.spans == supported.claims
     assert answering.verdicts == [[1, 0, -1]]  # the answer; beside it; an abstention where there is an answer
-    assert balto.response_rewards(answering.verdicts).tolist() == [0.5]
+    assert balto.response_rewards(answering.verdicts, "answering").tolist() == [0.5]
 
 
 def test_the_answering_verdict_on_the_repository_cases():

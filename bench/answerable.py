@@ -10,7 +10,8 @@ If the two ranges overlap, no threshold on it separates them, and the reward jud
 by the reference answer instead.
 
 With --where: on each file's training items whose reference answers, how often the clause the
-question asks about (with its table header) holds every key term of the reference: how often the
+question asks about (balto.answer_source: a table row with its header where the question
+asks for a heading) holds every key term of the reference: how often the
 answering verdict looks in the right place (the rules' choice, without the encoder's tie-break).
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def where(paths: list[str]) -> None:
             if balto.is_abstention(item.get("answer", "")):
                 continue
             asked = balto.RuleVerifier().question_clause(item["context"], item["question"])
-            grounds = balto.with_table_header(balto.context_clauses(item["context"]), asked)
+            grounds = balto.answer_source(balto.context_clauses(item["context"]), asked, item["question"])
             found = {balto.stem(balto.normalise_number(w)) for w in balto.words(grounds)}
             total += 1
             held += balto.key_terms(item["answer"], item["question"]) <= found

@@ -43,7 +43,7 @@ def main(data: str) -> None:
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
         verdict = balto.judge(verifier, batch, cfg.support_threshold, REWARD)
-        rewards = balto.response_rewards(verdict.verdicts)
+        rewards = balto.response_rewards(verdict.verdicts, REWARD)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
         transfer = balto.balanced_credit(labels, mask)  # balanced-group's other part, at lam 1

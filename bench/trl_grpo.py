@@ -37,7 +37,7 @@ def supported_share(completions, context, question, **_):
     items = [{"context": c, "question": q} for c, q in zip(context, question)]
     verdict = balto.judge_responses(verifier, items, completions, [[] for _ in completions],  # no token labels
                                     balto.Config.support_threshold, "supported")
-    return balto.response_rewards(verdict.verdicts).tolist()
+    return balto.response_rewards(verdict.verdicts, "supported").tolist()
 
 
 class StepTimer(TrainerCallback):

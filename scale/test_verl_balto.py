@@ -133,7 +133,7 @@ def balto_labels(tokenizer, text):
                             response_ids=torch.tensor([ids]), mask=torch.ones(1, len(ids), dtype=torch.long),
                             offsets=[offsets], finished=[True], sampler_logprobs=torch.zeros(1, len(ids)))
     verdict = balto.judge(balto.RuleVerifier(), rollout, balto.Config.support_threshold, balto.Config.reward)
-    return ids, verdict.labels[0].tolist(), float(balto.response_rewards(verdict.verdicts)[0])
+    return ids, verdict.labels[0].tolist(), float(balto.response_rewards(verdict.verdicts, balto.Config.reward)[0])
 
 
 @pytest.mark.parametrize("text", RESPONSES)

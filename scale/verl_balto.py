@@ -47,7 +47,7 @@ def response_labels(tokenizer, ids: list[int], item: dict, verifier,
     """
     text, offsets = balto.token_spans(tokenizer, ids)  # the same spans as balto.rollout() reads
     verdict = balto.judge_responses(verifier, [item], [text], [offsets], threshold, reward)
-    return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.verdicts)[0])
+    return verdict.labels[0, :len(ids)].tolist(), float(balto.response_rewards(verdict.verdicts, reward)[0])
 
 
 @register_reward_manager("balto")
