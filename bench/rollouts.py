@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steps import read_log  # noqa: E402
+from steps import read_log, run_dir_argument  # noqa: E402
 
 LAST = 20  # steps 41-60 of a 60-step run
 MARKS = {1: "+", -1: "-", 0: "0"}
@@ -50,4 +50,4 @@ def main(run_dir: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(run_dir_argument(__doc__))

@@ -6,6 +6,7 @@ response tokens per second.
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import statistics
@@ -16,11 +17,23 @@ from pathlib import Path
 def read_log(run_dir: str) -> list[dict]:
     """The rows of a run's log.jsonl, or of the log.jsonl.gz that bench/results keeps instead."""
     path = Path(run_dir) / "log.jsonl"
+    packed = Path(run_dir) / "log.jsonl.gz"
     if path.exists():
         text = path.read_text(encoding="utf-8")
+    elif packed.exists():
+        text = gzip.decompress(packed.read_bytes()).decode("utf-8")
     else:
-        text = gzip.decompress((Path(run_dir) / "log.jsonl.gz").read_bytes()).decode("utf-8")
+        print(f"{run_dir}: no log.jsonl or log.jsonl.gz here (a run's --output-dir, or "
+              f"bench/results/vN/RUN)", file=sys.stderr)
+        raise SystemExit(2)
     return [json.loads(line) for line in text.splitlines()]
+
+
+def run_dir_argument(doc: str) -> str:
+    """The one argument of this script and of rollouts.py: a run's folder (--help prints doc)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run's --output-dir, or bench/results/vN/RUN")
+    return parser.parse_args().run_dir
 
 
 def main(run_dir: str) -> dict:
@@ -43,4 +56,4 @@ def main(run_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(run_dir_argument(__doc__))

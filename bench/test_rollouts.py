@@ -48,3 +48,11 @@ def test_marked_keeps_the_text_between_spans_and_puts_newlines_on_one_line():
 
 def test_the_worked_example_holds():
     assert doctest.testmod(rollouts).failed == 0
+
+
+def test_a_folder_without_a_log_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rollouts.main(str(tmp_path))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path) in error and "log.jsonl" in error
