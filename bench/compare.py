@@ -5,6 +5,7 @@ metric, with paired bootstrap intervals.
     python bench/compare.py runs/v4 --pairs fspo:balanced,token:response
     python bench/compare.py runs/v4 --metric hallucination_rate   # rule 5's tie-break
     python bench/compare.py runs/v4 --settings squad              # one setting's differences
+    python bench/compare.py bench/results/v6 --beside bench/results/v5=v5   # v5's runs as balanced-v5, ...
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
 are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained".
@@ -120,6 +121,8 @@ def paired_seeds(runs: dict, a: str, b: str) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Tabulate a comparison of modes (see the docstring).")
     parser.add_argument("root", nargs="?", default="runs/v3", help="a directory of <mode>-s<seed> runs")
+    parser.add_argument("--beside", default="", metavar="DIR=TAG",
+                        help="another comparison's runs, added as <mode>-TAG (the untrained row is the root's)")
     parser.add_argument("--pairs", default="", help="A:B,C:D: the primary's paired differences A - B "
                                                     "(default: every mode against balanced)")
     parser.add_argument("--metric", default="q_score", choices=KEYS,
@@ -130,6 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     runs, walls, old = load(Path(args.root))
     if not runs:
         parser.error(f"{args.root}: no */metrics.json")
+    if args.beside:
+        other, _, tag = args.beside.partition("=")
+        more, more_walls, more_old = load(Path(other))
+        if not tag or not more:
+            parser.error(f"--beside: {args.beside} is not DIR=TAG of a directory of <mode>-s<seed> runs")
+        more.pop("untrained", None)  # the same policy and measure: the root's row stands
+        runs.update({f"{m}-{tag}": v for m, v in more.items()})
+        walls.update({f"{m}-{tag}": v for m, v in more_walls.items()})
+        old |= {(f"{m}-{tag}", seed) for m, seed in more_old}
     settings = sorted({s for per_seed in runs.values() for r in per_seed.values() for s in r})
     common = [s for s in settings if all(s in r for per_seed in runs.values() for r in per_seed.values())]
     if args.settings:

@@ -163,3 +163,15 @@ def test_unknown_pair_is_refused(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(write_runs(tmp_path)), "--pairs", "fspo:nope"])
     assert exit_info.value.code == 2
+
+
+def test_beside_adds_another_comparisons_runs_under_a_tag(tmp_path, capsys):
+    now = write_runs(tmp_path / "v6", {name: RUNS[name] for name in ("balanced-s0", "balanced-s1")})
+    before = write_runs(tmp_path / "v5", {"balanced-s0": RUNS["fspo-s0"], "balanced-s1": RUNS["fspo-s1"]})
+    point = compare.main([str(now), "--beside", f"{before}=v5", "--pairs", "balanced-v5:balanced"])
+    assert point["balanced-v5"] == pytest.approx(naive_primary("fspo"))
+    assert point["balanced"] == pytest.approx(naive_primary("balanced"))
+    assert "differs" in verdicts(capsys.readouterr().out)["balanced-v5 - balanced"]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(now), "--beside", str(before)])  # no tag: the names would collide
+    assert exit_info.value.code == 2
