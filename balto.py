@@ -544,7 +544,7 @@ def segment(text: str) -> list[tuple[int, int]]:
     """Sentence and clause spans [start, end) of text: split after . ! ? ; and at line breaks.
 
     A full stop between digits (1.2), after a title (Dr.) or after an initial (D.) does not end a
-    sentence.
+    sentence; a line break always ends one.
     Example: "Paris is big. It has 2.1 million people; most walk." -> the spans of
              "Paris is big.", "It has 2.1 million people;", "most walk."
     """
@@ -552,9 +552,11 @@ def segment(text: str) -> list[tuple[int, int]]:
     start = 0
     for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
         before = text[start:match.start()]
-        if any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
+        if "\n" in match.group():  # a line break always ends a clause (a table's rows)
+            pass
+        elif any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
             continue
-        if "\n" not in match.group() and INITIAL.search(before):
+        elif INITIAL.search(before):
             continue
         spans.append((start, match.start()))
         start = match.end()
@@ -762,56 +764,74 @@ def is_amount(word: str) -> bool:
     return "." in digits or sum(ch.isdigit() for ch in digits) >= 3
 
 
-def with_table_header(clauses: list[str], index: int) -> str:
-    """The clause, and for a table row the header rows of its table after it: a row's value is
-    read under its column headings ("In which year ...?" is answered by a heading).
+def table_rows(clauses: list[str], index: int) -> tuple[int, int, int]:
+    """(first, header_end, last) of the table that clause index is a row of: its rows are
+    clauses[first:last + 1], its header rows clauses[first:header_end].
 
     A table is a run of clauses with "|" in them; its header is the rows before its first row
-    that reports an amount (is_amount) after its first cell. A header row itself (a table's
-    title) stands for the whole table.
-    Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
-             -> "Revenue | 4,100 | 3,900\n| 2019 | 2018"
+    that reports an amount (is_amount) after its first cell.
+    Example: (["Sales rose.", "| 2019 | 2018", "Revenue | 4,100 | 3,900"], 2) -> (1, 2, 2)
     """
-    clause = clauses[index]
-    if not is_table_row(clause):
-        return clause
     first = index
     while first > 0 and is_table_row(clauses[first - 1]):
         first -= 1
     last = index
     while last + 1 < len(clauses) and is_table_row(clauses[last + 1]):
         last += 1
-    header = []
+    header_end = first
     for row in clauses[first:last + 1]:
         cells = row.split("|")[1:]
         if any(is_amount(w) for cell in cells for w in words(cell) if w[0].isdigit()):
             break
-        header.append(row)
-    if index < first + len(header):  # a header row: the question is about the whole table
+        header_end += 1
+    return first, header_end, last
+
+
+def with_table_header(clauses: list[str], index: int) -> str:
+    """The clause, and for a table row the header rows of its table after it: a row's value is
+    read under its column headings ("In which year ...?" is answered by a heading).
+
+    A header row itself (a table's title) stands for the whole table (table_rows).
+    Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
+             -> "Revenue | 4,100 | 3,900\n| 2019 | 2018"
+    """
+    clause = clauses[index]
+    if not is_table_row(clause):
+        return clause
+    first, header_end, last = table_rows(clauses, index)
+    if index < header_end:  # a header row: the question is about the whole table
         return "\n".join(clauses[first:last + 1])
-    return "\n".join([clause, *header])
+    return "\n".join([clause, *clauses[first:header_end]])
 
 
-# A question that asks for a table's heading: "In which year ...?", "When was ... highest?"
-HEADING_QUESTION = re.compile(r"\b(?:years?|when|date|period)\b", re.IGNORECASE)
+# A question that asks for a heading of a table ("In which year ...?", "When was ... highest?"),
+# not one that names a heading to read under ("What was revenue in fiscal year 2019?").
+HEADING_QUESTION = re.compile(
+    r"\b(?:which|what)\s+(?:\w+\s+)?(?:years?|dates?|periods?)\b"
+    r"|^\W*(?:since\s+)?when\b"
+    r"|\bthe\s+years?\s+(?:that|with|in\s+which|when)\b", re.IGNORECASE)
+YEAR = re.compile(r"\b(?:19|20)\d\d\b")
 
 
 def answer_source(clauses: list[str], index: int, question: str) -> str:
     """The text whose new terms answer the question about clause index (answer_verdicts).
 
-    A table row is read under its headings (with_table_header), but a heading ("2018") answers
-    only a question that asks for one (HEADING_QUESTION): otherwise a bare year of the header
-    would answer "What was revenue in 2019?". A header row still stands for its whole table.
+    A table row is read under its headings (with_table_header), but a year of its header
+    ("2018") answers only a question that asks for one (HEADING_QUESTION): otherwise a bare year
+    of the header would answer "What was revenue in 2019?". Where a header row stands for its
+    whole table, the header rows' years are left out in the same way.
     Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1, "What was revenue in 2019?")
              -> "Revenue | 4,100 | 3,900"; with "In which year was revenue higher?" the header
              row "| 2019 | 2018" follows it
     """
-    framed = with_table_header(clauses, index)
-    heading_rows = framed.split("\n")[1:]
-    is_data_row = all(row in clauses[:index] for row in heading_rows)  # not the whole table
-    if heading_rows and is_data_row and not HEADING_QUESTION.search(question):
-        return clauses[index]
-    return framed
+    clause = clauses[index]
+    if not is_table_row(clause) or HEADING_QUESTION.search(question):
+        return with_table_header(clauses, index)
+    first, header_end, last = table_rows(clauses, index)
+    if index >= header_end:  # a row with amounts: its own values answer
+        return clause
+    header = [YEAR.sub("", row) for row in clauses[first:header_end]]
+    return "\n".join(header + clauses[header_end:last + 1])
 
 
 def question_overlap(question: str, clause: str) -> int:

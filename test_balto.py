@@ -621,6 +621,8 @@ def test_segment_keeps_decimals_and_titles_together():
     text = "Dr. Hana Mori led it. Profit was 1.2 billion; costs fell.\n- It opened in 2011."
     assert [text[s:e] for s, e in balto.segment(text)] == [
         "Dr. Hana Mori led it.", "Profit was 1.2 billion;", "costs fell.", "It opened in 2011."]
+    table = "Customer | Acme Inc.\nRevenue | 4,100"  # a row that ends on a title still ends there
+    assert [table[s:e] for s, e in balto.segment(table)] == ["Customer | Acme Inc.", "Revenue | 4,100"]
 
 
 def test_segment_keeps_initials_with_their_names():
@@ -736,7 +738,10 @@ def test_a_header_year_answers_only_a_question_that_asks_for_one():
     clauses = balto.context_clauses("| Item | 2019 | 2018\nRevenue | 4,100 | 3,900\nCosts | 1,200 | 1,100")
     assert balto.answer_source(clauses, 1, "What was Revenue in 2019?") == "Revenue | 4,100 | 3,900"
     assert balto.answer_source(clauses, 1, "In which year was Revenue larger?") == balto.with_table_header(clauses, 1)
-    assert balto.answer_source(clauses, 0, "What does the table show?") == "\n".join(clauses)  # the whole table
+    assert balto.answer_source(clauses, 1, "What was Revenue in fiscal year 2019?") == "Revenue | 4,100 | 3,900"
+    assert balto.answer_source(clauses, 1, "When was Revenue highest?") == balto.with_table_header(clauses, 1)
+    whole = balto.answer_source(clauses, 0, "What was Costs in 2019?")  # a header row stands for the table
+    assert whole == "| Item |  | \n" + "\n".join(clauses[1:])  # but not with the header's years
     context = "| Item | 2019 | 2018\nNet revenue | 4,100 | 3,900"
     item = {"context": context, "question": "What was net revenue in 2019?"}
     verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 2, ["2018.", "Net revenue was 4,100."], [[], []],

@@ -134,11 +134,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not runs:
         parser.error(f"{args.root}: no */metrics.json")
     if args.beside:
-        other, _, tag = args.beside.partition("=")
+        other, _, tag = args.beside.rpartition("=")
         more, more_walls, more_old = load(Path(other))
         if not tag or not more:
             parser.error(f"--beside: {args.beside} is not DIR=TAG of a directory of <mode>-s<seed> runs")
-        more.pop("untrained", None)  # the same policy and measure: the root's row stands
+        for name in UNTRAINED:  # the same policy and measure: the root's row stands
+            more.pop(name, None)
         runs.update({f"{m}-{tag}": v for m, v in more.items()})
         walls.update({f"{m}-{tag}": v for m, v in more_walls.items()})
         old |= {(f"{m}-{tag}", seed) for m, seed in more_old}
