@@ -552,11 +552,9 @@ def segment(text: str) -> list[tuple[int, int]]:
     start = 0
     for match in re.finditer(r"(?<=[.!?;])\s+|\n+", text):
         before = text[start:match.start()]
-        if "\n" in match.group():  # a line break always ends a clause (a table's rows)
-            pass
-        elif any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS):
-            continue
-        elif INITIAL.search(before):
+        line_break = "\n" in match.group()  # always ends a clause: a table's rows
+        title = any(before.endswith(abbreviation) for abbreviation in ABBREVIATIONS)
+        if not line_break and (title or INITIAL.search(before)):
             continue
         spans.append((start, match.start()))
         start = match.end()
