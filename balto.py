@@ -752,12 +752,15 @@ def is_table_row(clause: str) -> bool:
     return "|" in clause
 
 
+YEAR = re.compile(r"\b(?:19|20)\d\d\b")  # a year of a heading ("2019"), not an amount
+
+
 def is_amount(word: str) -> bool:
     """A number that a table row reports, not a heading's: not a year, and at least 3 digits or
     a decimal. Example: [is_amount(w) for w in ("2019", "1,708", "4.5", "30")]
                         -> [False, True, True, False]"""
     digits = normalise_number(word)
-    if re.fullmatch(r"(19|20)\d\d", digits):
+    if YEAR.fullmatch(digits):
         return False
     return "." in digits or sum(ch.isdigit() for ch in digits) >= 3
 
@@ -808,7 +811,6 @@ HEADING_QUESTION = re.compile(
     r"\b(?:which|what)\s+(?:\w+\s+)?(?:years?|dates?|periods?)\b"
     r"|^\W*(?:since\s+)?when\b"
     r"|\bthe\s+years?\s+(?:that|with|in\s+which|when)\b", re.IGNORECASE)
-YEAR = re.compile(r"\b(?:19|20)\d\d\b")
 
 
 def answer_source(clauses: list[str], index: int, question: str) -> str:

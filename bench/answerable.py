@@ -10,9 +10,9 @@ If the two ranges overlap, no threshold on it separates them, and the reward jud
 by the reference answer instead.
 
 With --where: on each file's training items whose reference answers, how often the clause the
-question asks about (balto.answer_source: a table row with its header where the question
-asks for a heading) holds every key term of the reference: how often the
-answering verdict looks in the right place (the rules' choice, without the encoder's tie-break).
+question asks about (balto.answer_source: a table row with its header where the question asks for
+a heading) holds every key term of the reference: how often the answering verdict looks in the
+right place (the rules' choice, without the encoder's tie-break).
 """
 from __future__ import annotations
 
