@@ -698,10 +698,13 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
 
 
 def grounding_violations(context: str, claim: str, context_clause: str,
-                         bare_answer: bool) -> list[str]:
+                         bare_answer: bool, headed_clause: str | None = None) -> list[str]:
     """The transparent grounding rules. Any violation makes the claim unsupported.
 
-    context_clause is the clause of the context that the claim is about (picked by the verifier).
+    context_clause is the clause of the context that the claim is about (picked by the verifier);
+    headed_clause is the same clause read under its table's header rows (with_table_header),
+    whose numbers (a column's year) the clause's values are read under. Polarity is the clause's
+    own: a header's "(in thousands, except per share amounts)" negates none of its rows.
     - number and name: see ungrounded_numbers_and_names;
     - relevance: a number of the claim that its clause lacks was taken from another part of the
       context;
@@ -712,10 +715,11 @@ def grounding_violations(context: str, claim: str, context_clause: str,
     Example: ("It opened in 1974. It has 9 kilns.", "It opened in 9.", "It opened in 1974.",
               False) -> ["number 9 is about another part of the context"]
     """
+    headed_clause = headed_clause or context_clause
     if bare_answer:
-        return ungrounded_numbers_and_names(context_clause, claim)
+        return ungrounded_numbers_and_names(headed_clause, claim)
     violations = ungrounded_numbers_and_names(context, claim)
-    clause_numbers = {normalise_number(w) for w in words(context_clause) if w[0].isdigit()}
+    clause_numbers = {normalise_number(w) for w in words(headed_clause) if w[0].isdigit()}
     for word in words(claim):
         number = normalise_number(word)
         if word[0].isdigit() and number not in clause_numbers:
@@ -834,6 +838,51 @@ def answer_source(clauses: list[str], index: int, question: str) -> str:
     return "\n".join(header + clauses[header_end:last + 1])
 
 
+def column_years(clauses: list[str], index: int) -> list[set[str]]:
+    """For each cell of table row clauses[index], the years of its column's headings: the cells
+    at the same place in the header rows that have as many cells (a merged heading such as
+    "| | Year Ended December 31, |" lines up with nothing and is skipped).
+    Example: (["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1) -> [set(), {"2019"}, {"2018"}]
+    """
+    cells = clauses[index].split("|")
+    years = [set() for _ in cells]
+    first, header_end, _ = table_rows(clauses, index)
+    for header in clauses[first:header_end]:
+        heading_cells = header.split("|")
+        if len(heading_cells) == len(cells):
+            for cell_years, heading in zip(years, heading_cells):
+                cell_years.update(YEAR.findall(heading))
+    return years
+
+
+def wrong_column(claim: str, clauses: list[str], index: int) -> list[str]:
+    """The column rule: a claim that states a year of a table's headings and values of a row
+    of it, none of them in that year's column, took its values from another column.
+
+    The relevance rule sees only that the value is in the row. A claim that also states a value
+    of the year's column ("4,100 in 2019, up from 3,900") is a comparison and passes, and so
+    does a value from a column whose headings name no year (a change between two years).
+    Example: ("Revenue was 3,900 in 2019.", ["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
+             -> ["number 3,900 is under 2018, not 2019"]
+    """
+    if not is_table_row(clauses[index]) or index < table_rows(clauses, index)[1]:
+        return []  # not a table row, or a header row
+    years = column_years(clauses, index)
+    stated = {w for w in words(claim) if YEAR.fullmatch(w)} & set().union(*years)
+    columns = {}  # each value of the claim found in the row -> the years heading its cells
+    for j, cell in enumerate(clauses[index].split("|")):
+        for word in words(cell):
+            if word[0].isdigit() and is_amount(word):
+                columns.setdefault(normalise_number(word), set()).update(years[j])
+    values = [w for w in words(claim) if w[0].isdigit() and columns.get(normalise_number(w))]
+    if not stated or not values:  # a column with no year ("Change") may hold any year's change
+        return []
+    if any(columns[normalise_number(w)] & stated for w in values):
+        return []
+    return [f"number {w} is under {', '.join(sorted(columns[normalise_number(w)]))}"
+            f", not {', '.join(sorted(stated))}" for w in values]
+
+
 def question_overlap(question: str, clause: str) -> int:
     """How much of the question a clause holds: 3 for each of its numbers and lower-case content
     words there, 1 for each name. The predicate locates an answer ("close in 1961"); the name
@@ -908,7 +957,8 @@ class RuleVerifier:
             else:
                 best = self.best_clause(clauses, claim)
             clause = with_table_header(clauses, best)
-            if grounding_violations(context, claim, clause, bare):
+            if (grounding_violations(context, claim, clauses[best], bare, clause)
+                    or wrong_column(claim, clauses, best)):
                 assessed.append((0.0, best))
                 continue
             grounds = clause if bare else context
@@ -1039,7 +1089,8 @@ class EncoderVerifier:
             else:
                 best = self.best_clause(clause_vectors, claims[i].sentence)
             clause = with_table_header(clauses, best)
-            if grounding_violations(context, claim, clause, bare):
+            if (grounding_violations(context, claim, clauses[best], bare, clause)
+                    or wrong_column(claim, clauses, best)):
                 assessed.append((0.0, best))
                 continue
             if bare:  # a bare answer is grounded in its clause or not at all
@@ -1083,8 +1134,29 @@ def new_terms(text: str, question: str) -> set[str]:
     return terms - given
 
 
+def reference_clause(clauses: list[str], answer: str | None, question: str) -> int | None:
+    """The index of the clause that holds the reference answer: the most of the answer's new
+    terms (in the clause as answer_source reads it), question_overlap breaking ties; None where
+    there is no reference or no clause holds any of its terms (a paraphrased reference).
+    Example: (["It opened in 1887.", "It closed in 1961."], "1961", "When did it close?") -> 1
+    """
+    if not answer:
+        return None
+    wanted = new_terms(answer, question)
+    held = []
+    for i, clause in enumerate(clauses):
+        if is_table_row(clause) and i < table_rows(clauses, i)[1]:
+            source = clause  # a header row: answer_source would read it as the whole table
+        else:
+            source = answer_source(clauses, i, question)
+        held.append(len(wanted & new_terms(source, question)))
+    if not any(held):
+        return None
+    return max(range(len(clauses)), key=lambda i: (held[i], question_overlap(question, clauses[i])))
+
+
 def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], asked: int,
-                    asked_clause: str, question: str) -> list[int]:
+                    asked_clause: str, question: str, answer: str | None = None) -> list[int]:
     """Each claim's label, in the order said: +1 it answers, 0 supported but no answer, -1
     unsupported.
 
@@ -1092,19 +1164,30 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
     bare answer is checked there by construction) and states a term of that clause that the
     question does not give and no earlier answering claim of the response stated. So a claim
     beside the question, and the same answer said twice, earn no more than neutral text.
+    Where the data has a reference answer whose terms the clause holds (reference_clause picked
+    asked), only those terms answer, and a claim that also states another number of the clause
+    does not: "finished around 1455" from the clause that also says "180 copies" does not answer
+    "How many copies?", nor does "812 million dollars" beside the reference's 744. A bare answer
+    was checked in the question's clause, which may be another clause than the reference's; its
+    terms alone decide.
     Example: claims ["Harbor sold it to Greyline.", "Greyline bought it.", "Harbor is in Ohio."],
              supported [True, True, True], about [0, 0, 1], asked 0,
              asked_clause "Harbor sold the division to Greyline.", question "Who bought it?"
              -> [1, 0, 0] (the second says Greyline again; the third is about another clause)
     """
-    wanted = new_terms(asked_clause, question)
+    offered = new_terms(asked_clause, question)  # what the clause can answer with
+    wanted = offered & new_terms(answer, question) if answer else offered
     stated = set()
     labels = []
     for claim, claim_supported, clause in zip(claims, supported, about):
         says = new_terms(claim, question) & wanted
+        in_place = clause == asked or (answer and is_bare_answer(claim, question))
+        if answer:  # another value of the clause is no part of the reference answer
+            in_place = in_place and not any(term[0].isdigit() for term in
+                                            (new_terms(claim, question) & offered) - wanted)
         if not claim_supported:
             labels.append(MINUS)
-        elif clause == asked and says - stated:
+        elif in_place and says - stated:
             labels.append(PLUS)
             stated |= says
         else:
@@ -1204,16 +1287,22 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
         else:
             context, question = item["context"], item["question"]
+            clauses = context_clauses(context)
+            answer = item.get("answer")
+            asked = reference_clause(clauses, answer, question)
             if reference_abstains(item):
                 asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
+            elif asked is not None:  # the reference says where the answer is, and what it is
+                asked_clause = answer_source(clauses, asked, question)
             else:
+                answer = None
                 asked = verifier.question_clause(context, question)
-                asked_clause = answer_source(context_clauses(context), asked, question)
+                asked_clause = answer_source(clauses, asked, question)
             said = [text[start:end] for start, end in claims[i]]
             abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
             row_spans = claims[i] + abstentions
             row_verdicts = answer_verdicts(said, supported[i], [c for _, c in row], asked,
-                                           asked_clause, question)
+                                           asked_clause, question, answer)
             row_verdicts += [abstention_verdict(item)] * len(abstentions)
         spans.append(row_spans)
         verdicts.append(row_verdicts)

@@ -749,6 +749,52 @@ def test_a_header_year_answers_only_a_question_that_asks_for_one():
     assert verdict.supported == [[True], [True]] and verdict.verdicts == [[0], [1]]
 
 
+TABLE = "| 2019 | 2018 | 2017\n(In thousands, except per share data) |  |  |\nRevenue | 4,210 | 3,905 | 3,650"
+
+
+@pytest.mark.parametrize("claim,expected", [
+    ("Revenue was 4,210 in 2019.", []),
+    ("Revenue was 3,905 in 2019.", ["number 3,905 is under 2018, not 2019"]),
+    ("Revenue was 4,210 in 2019, up from 3,905.", []),  # a comparison states the year's own value
+    ("Revenue was 3,905 in 2018 and 3,650 in 2017.", []),
+    ("Revenue was 3,905.", []),  # no year: nothing to bind
+])
+def test_the_column_rule_against_the_column_read_by_hand(claim, expected):
+    clauses = balto.context_clauses(TABLE)
+    assert balto.column_years(clauses, 2) == [set(), {"2019"}, {"2018"}, {"2017"}]
+    assert balto.wrong_column(claim, clauses, 2) == expected
+    assert balto.wrong_column(claim, clauses, 0) == []  # a header row binds nothing
+
+
+def test_a_header_s_negation_is_not_its_rows():
+    """A header's "except per share data" made every row's claim disagree with it on negation."""
+    clauses = balto.context_clauses(TABLE)
+    claim = "Revenue was 4,210 in 2019."
+    headed = balto.with_table_header(clauses, 2)
+    assert "negation" in balto.grounding_violations(TABLE, claim, headed, False)
+    assert balto.grounding_violations(TABLE, claim, clauses[2], False, headed) == []
+    verdict = balto.judge_responses(balto.RuleVerifier(), [{"context": TABLE, "question": "What was revenue in 2019?"}],
+                                    [claim], [[]], 0.35, "answering")
+    assert verdict.supported == [[True]]
+
+
+def test_a_reference_answer_says_which_clause_and_which_terms_answer():
+    context = "Gutenberg finished his Bible around 1455. He printed 180 copies, of which 49 survive."
+    clauses = balto.context_clauses(context)
+    question = "How many copies did Gutenberg print?"
+    assert balto.reference_clause(clauses, "180", question) == 1
+    assert balto.reference_clause(clauses, "two hundred", question) is None  # not in the context
+    assert balto.reference_clause(clauses, None, question) is None
+    item = {"context": context, "question": question, "answer": "180"}
+    texts = ["He printed 180 copies.", "He printed 49 copies.", "180.", "Gutenberg finished it around 1455."]
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 4, texts, [[]] * 4, 0.35, "answering")
+    assert verdict.verdicts == [[1], [0], [1], [0]]
+    # without the reference the clause's every term answers, the wrong number too
+    unreferenced = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": question}] * 2,
+                                         texts[:2], [[]] * 2, 0.35, "answering")
+    assert unreferenced.verdicts == [[1], [1]]
+
+
 def test_where_the_reference_abstains_no_claim_answers():
     context = "The startup Loomly makes software that schedules shifts for restaurants. It has 40 staff."
     item = {"context": context, "question": "Who founded Loomly?", "answer": "The context does not say."}

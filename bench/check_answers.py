@@ -7,6 +7,10 @@ The file is JSONL, one {context, question, answer?, response, expected, category
 expected lists the labels balto.judge_responses should give the response's claims, then its
 abstentions, under --reward answering (+1 answers, 0 supported beside the question or said before,
 -1 unsupported or a wrong abstention). A case counts as right when every label matches.
+
+The verdict reads a case's reference answer where it has one (balto.reference_clause); most RAG
+data has none, so each run also checks the verdict with the references taken away, on the
+categories whose labels do not depend on them (an abstention's do).
 """
 from __future__ import annotations
 
@@ -27,13 +31,23 @@ def load_cases(path: str) -> list[dict]:
     return cases
 
 
+REFERENCE_FREE = ("answers", "beside", "repeated", "pasted", "unsupported")
+
+
+def without_references(cases: list[dict]) -> list[dict]:
+    """The cases whose labels hold without a reference answer, with their references removed."""
+    return [{key: value for key, value in case.items() if key != "answer"}
+            for case in cases if case["category"] in REFERENCE_FREE]
+
+
 def check_answers(verifier, cases: list[dict], path: str) -> dict[str, float]:
     """Accuracy per category and overall; prints each miss with the labels it got."""
     verdict = balto.judge_responses(verifier, cases, [c["response"] for c in cases],
                                     [[] for _ in cases], balto.Config.support_threshold,
                                     "answering")
     correct: dict[str, list[int]] = {}
-    print(f"answering verdict, verifier {verifier.name}, on {path} ({len(cases)} responses)")
+    print(f"answering verdict, verifier {verifier.name}, on {path} ({len(cases)} responses)"
+          f"{'' if any('answer' in case for case in cases) else ', no reference answers'}")
     for case, got in zip(cases, verdict.verdicts):
         hit = int(got == case["expected"])
         correct.setdefault(case["category"], []).append(hit)
@@ -53,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     name = argv[1] if len(argv) > 1 else "minilm"
     try:
         verifier = balto.make_verifier(name, balto.pick_device("cpu"))
-        return check_answers(verifier, load_cases(path), path)
+        cases = load_cases(path)
+        accuracy = check_answers(verifier, cases, path)
+        print()
+        check_answers(verifier, without_references(cases), path)
+        return accuracy
     except balto.BaltoError as err:
         print(f"check_answers: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

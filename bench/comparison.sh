@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The comparisons of docs/results.md (rules 5, 6 and 7): every run of a list, two at a time, one thread
+# The comparisons of docs/results.md (rules 5 to 8): every run of a list, two at a time, one thread
 # each.
 #
 #   bash bench/comparison.sh runs/v4                 # rule 5: 4 ways to train x seeds 0, 1, 2
 #   bash bench/comparison.sh runs/v4 balanced-s1     # only the runs named
 #   bash bench/comparison.sh runs/v5 balanced-s0 response-s0 balanced-s1 response-s1 balanced-s2 response-s2
-#   (rule 7: the same six runs into runs/v6)
+#   (rules 7 and 8: the same six runs into runs/v6 and runs/v7)
 #
 # balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
 # training); every other run skips that evaluation and prints no rollouts. Each run writes
