@@ -1134,15 +1134,31 @@ def new_terms(text: str, question: str) -> set[str]:
     return terms - given
 
 
+def reference_terms(answer: str, question: str) -> set[str]:
+    """The terms that state a reference answer, less the question's: a short answer's numbers
+    where it has any (a unit word is in many a wrong amount: "31 million" for "$41.8 million"),
+    else all its numbers and words (a sentence's "in 1958" may be a detail beside its answer).
+    Example: ("$41.8 million", "What was the loss at March 31?") -> {"41.8"}
+    """
+    terms = new_terms(answer, question)
+    numbers = {term for term in terms if term[0].isdigit()}
+    if len(words(answer)) <= BARE_ANSWER_WORDS and numbers:
+        return numbers
+    return terms
+
+
 def reference_clause(clauses: list[str], answer: str | None, question: str) -> int | None:
-    """The index of the clause that holds the reference answer: the most of the answer's new
-    terms (in the clause as answer_source reads it), question_overlap breaking ties; None where
-    there is no reference or no clause holds any of its terms (a paraphrased reference).
+    """The index of the clause that holds the reference answer: of the clauses that hold any of
+    its terms (reference_terms, in the clause as answer_source reads it), the one the question
+    overlaps most (question_overlap), then the one with most of them; None where there is no
+    reference or no clause holds any of its terms (a paraphrased reference).
+    The question picks among them because a name recurs: "Australian Labor Party" is all in a
+    list of parties, "Labor" alone in the clause about where it is strongest.
     Example: (["It opened in 1887.", "It closed in 1961."], "1961", "When did it close?") -> 1
     """
     if not answer:
         return None
-    wanted = new_terms(answer, question)
+    wanted = reference_terms(answer, question)
     held = []
     for i, clause in enumerate(clauses):
         if is_table_row(clause) and i < table_rows(clauses, i)[1]:
@@ -1150,9 +1166,10 @@ def reference_clause(clauses: list[str], answer: str | None, question: str) -> i
         else:
             source = answer_source(clauses, i, question)
         held.append(len(wanted & new_terms(source, question)))
-    if not any(held):
+    holding = [i for i in range(len(clauses)) if held[i]]
+    if not holding:
         return None
-    return max(range(len(clauses)), key=lambda i: (held[i], question_overlap(question, clauses[i])))
+    return max(holding, key=lambda i: (question_overlap(question, clauses[i]), held[i]))
 
 
 def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], asked: int,
@@ -1165,26 +1182,28 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
     question does not give and no earlier answering claim of the response stated. So a claim
     beside the question, and the same answer said twice, earn no more than neutral text.
     Where the data has a reference answer whose terms the clause holds (reference_clause picked
-    asked), only those terms answer, and a claim that also states another number of the clause
-    does not: "finished around 1455" from the clause that also says "180 copies" does not answer
-    "How many copies?", nor does "812 million dollars" beside the reference's 744. A bare answer
-    was checked in the question's clause, which may be another clause than the reference's; its
-    terms alone decide.
+    asked), only the reference's terms answer (reference_terms), and a claim that states another
+    number of the clause and none of the reference's does not: "finished around 1455" does not
+    answer "How many copies?" from the clause that also says "180 copies", nor "812 million
+    dollars" beside the reference's "It was 744 million dollars." ("In 1961, on April 12" around
+    the reference's number still answers). A bare answer was checked in the question's clause,
+    which may be another than the reference's; its terms alone decide.
     Example: claims ["Harbor sold it to Greyline.", "Greyline bought it.", "Harbor is in Ohio."],
              supported [True, True, True], about [0, 0, 1], asked 0,
              asked_clause "Harbor sold the division to Greyline.", question "Who bought it?"
              -> [1, 0, 0] (the second says Greyline again; the third is about another clause)
     """
     offered = new_terms(asked_clause, question)  # what the clause can answer with
-    wanted = offered & new_terms(answer, question) if answer else offered
+    wanted = offered & reference_terms(answer, question) if answer else offered
+    numbers = {term for term in wanted if term[0].isdigit()}
     stated = set()
     labels = []
     for claim, claim_supported, clause in zip(claims, supported, about):
-        says = new_terms(claim, question) & wanted
-        in_place = clause == asked or (answer and is_bare_answer(claim, question))
-        if answer:  # another value of the clause is no part of the reference answer
-            in_place = in_place and not any(term[0].isdigit() for term in
-                                            (new_terms(claim, question) & offered) - wanted)
+        terms = new_terms(claim, question)
+        says = terms & wanted
+        in_place = clause == asked or (bool(answer) and is_bare_answer(claim, question))
+        if numbers and not terms & numbers:  # the clause's other value, not the reference's
+            in_place = in_place and not any(term[0].isdigit() for term in terms & offered)
         if not claim_supported:
             labels.append(MINUS)
         elif in_place and says - stated:

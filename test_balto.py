@@ -773,9 +773,10 @@ def test_a_header_s_negation_is_not_its_rows():
     headed = balto.with_table_header(clauses, 2)
     assert "negation" in balto.grounding_violations(TABLE, claim, headed, False)
     assert balto.grounding_violations(TABLE, claim, clauses[2], False, headed) == []
-    verdict = balto.judge_responses(balto.RuleVerifier(), [{"context": TABLE, "question": "What was revenue in 2019?"}],
-                                    [claim], [[]], 0.35, "answering")
-    assert verdict.supported == [[True]]
+    item = {"context": TABLE, "question": "What was revenue in 2019?"}
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 2, [claim, "Revenue was 3,905 in 2019."], [[]] * 2,
+                                    0.35, "answering")
+    assert verdict.supported == [[True], [False]]  # the second is 2018's value: the column rule
 
 
 def test_a_reference_answer_says_which_clause_and_which_terms_answer():
@@ -785,6 +786,10 @@ def test_a_reference_answer_says_which_clause_and_which_terms_answer():
     assert balto.reference_clause(clauses, "180", question) == 1
     assert balto.reference_clause(clauses, "two hundred", question) is None  # not in the context
     assert balto.reference_clause(clauses, None, question) is None
+    parties = ["The parties are the Australian Labor Party, the Liberal Party and the Greens.",
+               "Labor is strongest in the working class suburbs."]  # the question picks among the holders
+    assert balto.reference_clause(parties, "Australian Labor Party", "Which party is strongest in the working "
+                                  "class suburbs?") == 1
     item = {"context": context, "question": question, "answer": "180"}
     texts = ["He printed 180 copies.", "He printed 49 copies.", "180.", "Gutenberg finished it around 1455."]
     verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 4, texts, [[]] * 4, 0.35, "answering")
@@ -793,6 +798,27 @@ def test_a_reference_answer_says_which_clause_and_which_terms_answer():
     unreferenced = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": question}] * 2,
                                          texts[:2], [[]] * 2, 0.35, "answering")
     assert unreferenced.verdicts == [[1], [1]]
+
+
+def test_a_claim_with_another_number_of_the_clause_answers_only_beside_the_reference_s():
+    context = "Orrin reported revenue of 812 million dollars in 2024, compared with 744 million dollars in 2023."
+    item = {"context": context, "question": "What was Orrin's revenue in 2023?", "answer": "It was 744 million dollars."}
+    texts = ["Revenue was 812 million dollars.", "Revenue was 744 million dollars, compared with 812 million dollars in 2024."]
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 2, texts, [[]] * 2, 0.35, "answering")
+    assert verdict.supported == [[True], [True]] and verdict.verdicts == [[0], [1]]
+    short = {**item, "answer": "$41.8 million"}  # a short reference's number, not its unit word, answers
+    assert balto.reference_terms(short["answer"], "What was the loss at March 31?") == {"41.8"}
+
+
+def test_a_bare_answer_checked_in_the_question_s_clause_answers_for_the_reference_s():
+    """The question's clause (the first on a tie) and the reference's (more of its terms) differ."""
+    context = "The Larch line closed in 1961. The Larch line closed in 1961 after the flood."
+    item = {"context": context, "question": "When did the Larch line close?", "answer": "In 1961, after the flood."}
+    clauses = balto.context_clauses(context)
+    assert balto.RuleVerifier().question_clause(context, item["question"]) == 0
+    assert balto.reference_clause(clauses, item["answer"], item["question"]) == 1
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item], ["1961."], [[]], 0.35, "answering")
+    assert verdict.supported == [[True]] and verdict.verdicts == [[1]]
 
 
 def test_where_the_reference_abstains_no_claim_answers():

@@ -10,7 +10,8 @@ abstentions, under --reward answering (+1 answers, 0 supported beside the questi
 
 The verdict reads a case's reference answer where it has one (balto.reference_clause); most RAG
 data has none, so each run also checks the verdict with the references taken away, on the
-categories whose labels do not depend on them (an abstention's do).
+categories whose right label is the same without one (an abstention's is not: without a
+reference the reward cannot tell a right abstention from a wrong one, and leaves it neutral).
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ labels of their claims move (rule 8 counts the claims an earlier version paid +1
     python bench/rejudge.py bench/results/v6/*-s?
 
 Each step logs one response (balto.py section 10) with the labels its run gave. This script looks
-up its item by id in the run's data files, judges the response again under --reward answering and
-counts (logged label -> label now) per setting for the spans both judgements have.
+up its item by id in the run's data files (paths as logged: run it from the repository root),
+judges the response again under the run's --reward with the MiniLM verifier and counts (logged
+label -> label now) per setting; a span that the judgement now does not have (the claims are cut
+otherwise) counts as "gone". What moves is the verdict's and the verifier's change together.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from steps import read_log  # noqa: E402
 
 def main(run_dirs: list[str], verifier=None) -> Counter:
     verifier = verifier or balto.make_verifier("minilm", balto.pick_device("cpu"))
-    moves: Counter = Counter()  # (setting, logged label, label now) -> claims
+    moves: Counter = Counter()  # (setting, logged label, label now or "gone") -> claims
     for run_dir in run_dirs:
         rows = read_log(run_dir)
         items, settings = {}, {}
@@ -35,17 +37,17 @@ def main(run_dirs: list[str], verifier=None) -> Counter:
             example = row["example"]
             item = items[example["id"]]
             now = balto.judge_responses(verifier, [item], [example["text"]], [[]],
-                                        rows[0]["support_threshold"], "answering")
-            labels_now = {(start, end): label for (start, end), label
+                                        rows[0]["support_threshold"], rows[0]["reward"])
+            labels_now = {(start, end): f"{label:+d}" for (start, end), label
                           in zip(now.spans[0], now.verdicts[0])}
             for start, end, logged in example["spans"]:
-                if (start, end) in labels_now:
-                    moves[settings[item["id"]], logged, labels_now[start, end]] += 1
+                label = labels_now.get((start, end), "gone")
+                moves[settings[item["id"]], f"{logged:+d}", label] += 1
     for setting in sorted({key[0] for key in moves}):
         print(f"{setting}: logged label -> label now, claims")
         for (name, logged, label), count in sorted(moves.items()):
             if name == setting:
-                print(f"  {logged:+d} -> {label:+d}: {count}")
+                print(f"  {logged} -> {label}: {count}")
     return moves
 
 
