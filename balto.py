@@ -792,6 +792,11 @@ def table_rows(clauses: list[str], index: int) -> tuple[int, int, int]:
     return first, header_end, last
 
 
+def is_header_row(clauses: list[str], index: int) -> bool:
+    """A row of a table's header (table_rows), which stands for the whole table."""
+    return is_table_row(clauses[index]) and index < table_rows(clauses, index)[1]
+
+
 def with_table_header(clauses: list[str], index: int) -> str:
     """The clause, and for a table row the header rows of its table after it: a row's value is
     read under its column headings ("In which year ...?" is answered by a heading).
@@ -865,7 +870,7 @@ def wrong_column(claim: str, clauses: list[str], index: int) -> list[str]:
     Example: ("Revenue was 3,900 in 2019.", ["| 2019 | 2018", "Revenue | 4,100 | 3,900"], 1)
              -> ["number 3,900 is under 2018, not 2019"]
     """
-    if not is_table_row(clauses[index]) or index < table_rows(clauses, index)[1]:
+    if not is_table_row(clauses[index]) or is_header_row(clauses, index):
         return []  # not a table row, or a header row
     years = column_years(clauses, index)
     stated = {w for w in words(claim) if YEAR.fullmatch(w)} & set().union(*years)
@@ -1161,8 +1166,8 @@ def reference_clause(clauses: list[str], answer: str | None, question: str) -> i
     wanted = reference_terms(answer, question)
     held = []
     for i, clause in enumerate(clauses):
-        if is_table_row(clause) and i < table_rows(clauses, i)[1]:
-            source = clause  # a header row: answer_source would read it as the whole table
+        if is_header_row(clauses, i):
+            source = clause  # answer_source would read a header row as the whole table
         else:
             source = answer_source(clauses, i, question)
         held.append(len(wanted & new_terms(source, question)))
@@ -1308,14 +1313,13 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             context, question = item["context"], item["question"]
             clauses = context_clauses(context)
             answer = item.get("answer")
-            asked = reference_clause(clauses, answer, question)
             if reference_abstains(item):
                 asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
-            elif asked is not None:  # the reference says where the answer is, and what it is
-                asked_clause = answer_source(clauses, asked, question)
-            else:
-                answer = None
-                asked = verifier.question_clause(context, question)
+            else:  # the reference says where the answer is, and what it is
+                asked = reference_clause(clauses, answer, question)
+                if asked is None:  # no reference, or none of its terms in the context
+                    answer = None
+                    asked = verifier.question_clause(context, question)
                 asked_clause = answer_source(clauses, asked, question)
             said = [text[start:end] for start, end in claims[i]]
             abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
