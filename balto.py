@@ -126,7 +126,9 @@ class Config:
     show_every: int = option(10, "print one rollout with its token labels every N steps (0: never)")
 
     reward: str = option("answering", "answering: +1 for a claim that answers the question, 0 for "
-                                      "a supported one beside it, -1 unsupported | supported "
+                                      "a supported one beside it, -1 unsupported | "
+                                      "answering-unreferenced: the same, the data's reference "
+                                      "answers not read (as on data without them) | supported "
                                       "(v3): +1 for any supported claim; every mode reads it")
     credit: str = option("balanced", "balanced | balanced-group (both BALTO) | fspo (published "
                                      "peer) | token | response (baselines)")
@@ -482,8 +484,9 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 
 # ==== 3. Claims =================================================================================
 # A span's or a token's label. What +1 means is --reward's: under "answering" (the default) a
-# supported claim that answers the question, or a right abstention; under "supported" (v3, the
-# verifier's verdict alone) any supported claim. -1 is unsupported content, or a wrong abstention.
+# supported claim that answers the question, or a right abstention; under "answering-unreferenced"
+# the same, judged as if the data had no reference answers; under "supported" (v3, the verifier's
+# verdict alone) any supported claim. -1 is unsupported content, or a wrong abstention.
 PLUS, NEUTRAL, MINUS = 1, 0, -1
 BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
 LABEL_NAMES = {PLUS: "plus", NEUTRAL: "neutral", MINUS: "minus"}
@@ -1273,7 +1276,9 @@ class Judgement:
     labels: torch.Tensor  # (B, R) token labels +1 / 0 / -1
 
 
-REWARDS = ("answering", "supported")  # what a span's +1 means: it answers, or it is supported
+# What a span's +1 means: it answers (the reference read where the data has one, or never), or it
+# is supported
+REWARDS = ("answering", "answering-unreferenced", "supported")
 
 
 def judge(verifier, batch: Rollout, threshold: float, reward: str) -> Judgement:
@@ -1291,6 +1296,8 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
     supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
     Where the item's reference answer is an abstention, no claim answers (the one other place
     the reward reads the reference, beside abstention_verdict).
+    reward "answering-unreferenced": the same with the item's reference answer set aside, as on
+    data that has none: the question's clause decides (v6's verdict), an abstention is neutral.
     reward "supported" (v3): +1 for any supported claim, -1 for an unsupported one.
     """
     claims = [extract_claims(text) for text in texts]
@@ -1306,6 +1313,8 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
         row = [next(assessed) for _ in claims[i]]  # (p, clause) of each claim
         scores.append([p for p, _ in row])
         supported.append([p >= threshold for p, _ in row])
+        if reward == "answering-unreferenced":  # a copy: the evaluation still reads the reference
+            item = {key: value for key, value in item.items() if key != "answer"}
         if reward == "supported":
             row_spans = claims[i]
             row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
@@ -1340,15 +1349,15 @@ GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group'
 # r_i of a response with no +1 or -1 span. Under "supported" it states nothing checkable: half-way
 # between right and wrong. Under "answering" it answers nothing (a stub, the question restated,
 # text beside the question): it earns what a wrong answer earns, or a group learns the stub.
-NO_CLAIM_REWARD = {"answering": 0.0, "supported": 0.5}
+NO_CLAIM_REWARD = {"answering": 0.0, "answering-unreferenced": 0.0, "supported": 0.5}
 
 
 def response_rewards(verdicts: list[list[int]], reward: str) -> torch.Tensor:
     """r_i = n+ / (n+ + n-) over response i's +1 and -1 spans (NO_CLAIM_REWARD if none): (B,).
 
-    Under reward "supported", the share of its claims that are supported; under "answering", the
-    share of its answers and wrong claims that answer, a claim beside the question counting as
-    neither.
+    Under reward "supported", the share of its claims that are supported; under "answering" (and
+    "answering-unreferenced"), the share of its answers and wrong claims that answer, a claim
+    beside the question counting as neither.
     Example: [[1, -1], [], [1, 0], [0]], "answering" -> [0.5, 0.0, 1.0, 0.0]
     """
     rewards = []

@@ -832,6 +832,27 @@ def test_where_the_reference_abstains_no_claim_answers():
     assert answered.verdicts == [[1]]  # with an answering reference, the same claim is read as before
 
 
+def test_the_unreferenced_reward_is_the_answering_reward_on_data_without_references():
+    """Invariant: --reward answering-unreferenced on items is --reward answering on the items stripped of their
+    answers; and it can differ: the clause's other number answers, an abstention is neutral."""
+    context = "Orrin reported revenue of 812 million dollars in 2024, compared with 744 million dollars in 2023."
+    items = [{"context": context, "question": "What was Orrin's revenue in 2023?", "answer": "It was 744 million dollars."},
+             {"context": context, "question": "Who audited Orrin?", "answer": "The context does not say."}]
+    texts = ["Revenue was 812 million dollars.", "The context does not say. Orrin reported revenue."]
+    offsets = [[(0, 7), (7, 11), (11, 32)], [(0, 26), (26, 49)]]
+    stripped = [{key: value for key, value in item.items() if key != "answer"} for item in items]
+    unreferenced = balto.judge_responses(balto.RuleVerifier(), items, texts, offsets, 0.35, "answering-unreferenced")
+    blind = balto.judge_responses(balto.RuleVerifier(), stripped, texts, offsets, 0.35, "answering")
+    referenced = balto.judge_responses(balto.RuleVerifier(), items, texts, offsets, 0.35, "answering")
+    assert unreferenced.verdicts == blind.verdicts and torch.equal(unreferenced.labels, blind.labels)
+    assert unreferenced.spans == blind.spans and unreferenced.supported == blind.supported
+    assert referenced.verdicts[0] == [0] and unreferenced.verdicts[0] == [1]  # 812: the clause's other value
+    assert referenced.verdicts[1][-1] == 1 and unreferenced.verdicts[1][-1] == 0  # the right abstention
+    assert "answer" in items[0]  # the items themselves keep their references (the evaluation reads them)
+    assert balto.response_rewards(unreferenced.verdicts, "answering-unreferenced").tolist() == \
+        balto.response_rewards(blind.verdicts, "answering").tolist()
+
+
 def test_an_irregular_past_meets_its_verb():
     assert [balto.stem(w) for w in ("ran", "run", "runs")] == ["run"] * 3
     assert balto.stem("lost") == balto.stem("lose") and balto.stem("made") == balto.stem("making")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The comparisons of docs/results.md (rules 5 to 8): every run of a list, two at a time, one thread
+# The comparisons of docs/results.md (rules 5 to 9): every run of a list, two at a time, one thread
 # each.
 #
 #   bash bench/comparison.sh runs/v4                 # rule 5: 4 ways to train x seeds 0, 1, 2
 #   bash bench/comparison.sh runs/v4 balanced-s1     # only the runs named
 #   bash bench/comparison.sh runs/v5 balanced-s0 response-s0 balanced-s1 response-s1 balanced-s2 response-s2
 #   (rules 7 and 8: the same six runs into runs/v6 and runs/v7)
+#   bash bench/comparison.sh runs/v8 balanced-unref-s0 balanced-unref-s1 balanced-unref-s2 response-unref-s0 response-unref-s1 response-unref-s2
+#   (rule 9: --reward answering-unreferenced; its untrained row is v7's)
 #
 # balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
 # training); every other run skips that evaluation and prints no rollouts. Each run writes
@@ -25,6 +27,8 @@ runs() {  # one line per run: NAME ARGUMENTS...
     echo "response-s$seed --credit response --seed $seed --no-eval-before --show-every 0"
     echo "balanced-v3-s$seed --reward supported --seed $seed --no-eval-before --show-every 0"
     echo "fspo-s$seed --credit fspo --seed $seed --no-eval-before --show-every 0"
+    echo "balanced-unref-s$seed --reward answering-unreferenced --seed $seed --no-eval-before --show-every 0"
+    echo "response-unref-s$seed --credit response --reward answering-unreferenced --seed $seed --no-eval-before --show-every 0"
   done
 }
 
