@@ -17,7 +17,8 @@ sampled token ids. Split each response into claims, verify each claim against th
 whether it answers the question, and label every token +1 (inside a supported claim that
 answers), -1 (inside an unsupported claim) or 0 (elsewhere, a supported claim beside the question
 included); an abstention is +1 or -1 by the reference answer, where the data has one. (--reward
-supported, v3's labels: +1 for any supported claim.) Give each token a credit A[i, t], then
+answering-question: the question alone says which claim answers; --reward supported, v3's labels:
++1 for any supported claim.) Give each token a credit A[i, t], then
 minimise, over all response tokens of the batch,
 
     L = sum_{i,t} [ -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3 ] / (response tokens)
@@ -127,9 +128,10 @@ class Config:
 
     reward: str = option("answering", "answering: +1 for a claim that answers the question, 0 for "
                                       "a supported one beside it, -1 unsupported | "
-                                      "answering-unreferenced: the same, the data's reference "
-                                      "answers not read (as on data without them) | supported "
-                                      "(v3): +1 for any supported claim; every mode reads it")
+                                      "answering-question: the same, the question alone saying "
+                                      "which claim answers (references judge abstentions only) | "
+                                      "supported (v3): +1 for any supported claim; every mode "
+                                      "reads it")
     credit: str = option("balanced", "balanced | balanced-group (both BALTO) | fspo (published "
                                      "peer) | token | response (baselines)")
     steps: int = option(60, "number of policy-gradient steps")
@@ -484,8 +486,8 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 
 # ==== 3. Claims =================================================================================
 # A span's or a token's label. What +1 means is --reward's: under "answering" (the default) a
-# supported claim that answers the question, or a right abstention; under "answering-unreferenced"
-# the same, judged as if the data had no reference answers; under "supported" (v3, the verifier's
+# supported claim that answers the question, or a right abstention; under "answering-question" the
+# same, the question alone saying which claim answers; under "supported" (v3, the verifier's
 # verdict alone) any supported claim. -1 is unsupported content, or a wrong abstention.
 PLUS, NEUTRAL, MINUS = 1, 0, -1
 BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
@@ -1276,9 +1278,9 @@ class Judgement:
     labels: torch.Tensor  # (B, R) token labels +1 / 0 / -1
 
 
-# What a span's +1 means: it answers (the reference read where the data has one, or never), or it
-# is supported
-REWARDS = ("answering", "answering-unreferenced", "supported")
+# What a span's +1 means: it answers (the reference, where the data has one, or the question saying
+# which claim does), or it is supported
+REWARDS = ("answering", "answering-question", "supported")
 
 
 def judge(verifier, batch: Rollout, threshold: float, reward: str) -> Judgement:
@@ -1296,8 +1298,9 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
     supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
     Where the item's reference answer is an abstention, no claim answers (the one other place
     the reward reads the reference, beside abstention_verdict).
-    reward "answering-unreferenced": the same with the item's reference answer set aside, as on
-    data that has none: the question's clause decides (v6's verdict), an abstention is neutral.
+    reward "answering-question": the same, but the question alone says which claim answers (the
+    question's clause and any new term of it, as on data without references); the reference still
+    judges abstentions and says where there is no answer, the one thing the words cannot tell.
     reward "supported" (v3): +1 for any supported claim, -1 for an unsupported one.
     """
     claims = [extract_claims(text) for text in texts]
@@ -1313,8 +1316,6 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
         row = [next(assessed) for _ in claims[i]]  # (p, clause) of each claim
         scores.append([p for p, _ in row])
         supported.append([p >= threshold for p, _ in row])
-        if reward == "answering-unreferenced":  # a copy: the evaluation still reads the reference
-            item = {key: value for key, value in item.items() if key != "answer"}
         if reward == "supported":
             row_spans = claims[i]
             row_verdicts = [PLUS if ok else MINUS for ok in supported[i]]
@@ -1322,6 +1323,8 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             context, question = item["context"], item["question"]
             clauses = context_clauses(context)
             answer = item.get("answer")
+            if reward == "answering-question":
+                answer = None  # the question's clause decides, whatever the reference says
             if reference_abstains(item):
                 asked, asked_clause = -1, ""  # so no claim answers; a supported one is neutral
             else:  # the reference says where the answer is, and what it is
@@ -1349,14 +1352,14 @@ GROUP_RELATIVE = ("response", "fspo", "balanced-group")  # need G >= 2: a group'
 # r_i of a response with no +1 or -1 span. Under "supported" it states nothing checkable: half-way
 # between right and wrong. Under "answering" it answers nothing (a stub, the question restated,
 # text beside the question): it earns what a wrong answer earns, or a group learns the stub.
-NO_CLAIM_REWARD = {"answering": 0.0, "answering-unreferenced": 0.0, "supported": 0.5}
+NO_CLAIM_REWARD = {"answering": 0.0, "answering-question": 0.0, "supported": 0.5}
 
 
 def response_rewards(verdicts: list[list[int]], reward: str) -> torch.Tensor:
     """r_i = n+ / (n+ + n-) over response i's +1 and -1 spans (NO_CLAIM_REWARD if none): (B,).
 
     Under reward "supported", the share of its claims that are supported; under "answering" (and
-    "answering-unreferenced"), the share of its answers and wrong claims that answer, a claim
+    "answering-question"), the share of its answers and wrong claims that answer, a claim
     beside the question counting as neither.
     Example: [[1, -1], [], [1, 0], [0]], "answering" -> [0.5, 0.0, 1.0, 0.0]
     """

@@ -832,25 +832,32 @@ def test_where_the_reference_abstains_no_claim_answers():
     assert answered.verdicts == [[1]]  # with an answering reference, the same claim is read as before
 
 
-def test_the_unreferenced_reward_is_the_answering_reward_on_data_without_references():
-    """Invariant: --reward answering-unreferenced on items is --reward answering on the items stripped of their
-    answers; and it can differ: the clause's other number answers, an abstention is neutral."""
+def test_under_answering_question_the_question_says_which_claim_answers_and_the_reference_judges_abstentions():
+    """Invariants: on an item whose reference answers, --reward answering-question labels its claims as --reward
+    answering does on the item without its reference, and its abstentions as --reward answering does; on one whose
+    reference abstains, all as --reward answering does. It can differ: the clause's other number answers."""
     context = "Orrin reported revenue of 812 million dollars in 2024, compared with 744 million dollars in 2023."
-    items = [{"context": context, "question": "What was Orrin's revenue in 2023?", "answer": "It was 744 million dollars."},
-             {"context": context, "question": "Who audited Orrin?", "answer": "The context does not say."}]
-    texts = ["Revenue was 812 million dollars.", "The context does not say. Orrin reported revenue."]
-    offsets = [[(0, 7), (7, 11), (11, 32)], [(0, 26), (26, 49)]]
-    stripped = [{key: value for key, value in item.items() if key != "answer"} for item in items]
-    unreferenced = balto.judge_responses(balto.RuleVerifier(), items, texts, offsets, 0.35, "answering-unreferenced")
-    blind = balto.judge_responses(balto.RuleVerifier(), stripped, texts, offsets, 0.35, "answering")
+    answerable = {"context": context, "question": "What was Orrin's revenue in 2023?",
+                  "answer": "It was 744 million dollars."}
+    unanswerable = {"context": context, "question": "Who audited Orrin?", "answer": "The context does not say."}
+    texts = ["Revenue was 812 million dollars. The context does not say.",
+             "The context does not say. Orrin reported revenue of 812 million dollars in 2024."]
+    offsets = [[(0, 7), (7, 11), (11, 32), (32, 58)], [(0, 26), (26, 80)]]
+    items = [answerable, unanswerable]
+    question = balto.judge_responses(balto.RuleVerifier(), items, texts, offsets, 0.35, "answering-question")
     referenced = balto.judge_responses(balto.RuleVerifier(), items, texts, offsets, 0.35, "answering")
-    assert unreferenced.verdicts == blind.verdicts and torch.equal(unreferenced.labels, blind.labels)
-    assert unreferenced.spans == blind.spans and unreferenced.supported == blind.supported
-    assert referenced.verdicts[0] == [0] and unreferenced.verdicts[0] == [1]  # 812: the clause's other value
-    assert referenced.verdicts[1][-1] == 1 and unreferenced.verdicts[1][-1] == 0  # the right abstention
-    assert "answer" in items[0]  # the items themselves keep their references (the evaluation reads them)
-    assert balto.response_rewards(unreferenced.verdicts, "answering-unreferenced").tolist() == \
-        balto.response_rewards(blind.verdicts, "answering").tolist()
+    stripped = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": answerable["question"]}],
+                                     texts[:1], offsets[:1], 0.35, "answering")
+    n_claims = len(question.claims[0])
+    assert question.verdicts[0][:n_claims] == stripped.verdicts[0][:n_claims]  # claims: as without the reference
+    assert question.verdicts[0][n_claims:] == referenced.verdicts[0][n_claims:]  # the abstention: by the reference
+    assert question.verdicts[1] == referenced.verdicts[1] and torch.equal(question.labels[1], referenced.labels[1])
+    assert question.supported == referenced.supported and question.spans == referenced.spans
+    assert referenced.verdicts[0] == [0, -1] and question.verdicts[0] == [1, -1]  # 812: the clause's other value
+    assert question.verdicts[1] == [0, 1]  # claims first: beside the question where there is no answer; abstention right
+    assert "answer" in answerable  # the items keep their references (the evaluation reads them)
+    assert balto.response_rewards(question.verdicts, "answering-question").tolist() == [0.5, 1.0]
+    assert balto.response_rewards([[0], []], "answering-question").tolist() == [0.0, 0.0]  # answers nothing
 
 
 def test_an_irregular_past_meets_its_verb():

@@ -6,8 +6,8 @@
 #   bash bench/comparison.sh runs/v4 balanced-s1     # only the runs named
 #   bash bench/comparison.sh runs/v5 balanced-s0 response-s0 balanced-s1 response-s1 balanced-s2 response-s2
 #   (rules 7 and 8: the same six runs into runs/v6 and runs/v7)
-#   bash bench/comparison.sh runs/v8 balanced-unref-s0 balanced-unref-s1 balanced-unref-s2 response-unref-s0 response-unref-s1 response-unref-s2
-#   (rule 9: --reward answering-unreferenced; its untrained row is v7's)
+#   bash bench/comparison.sh runs/v8 balanced-question-s0 balanced-question-s1 balanced-question-s2 response-question-s0 response-question-s1 response-question-s2
+#   (rule 9: --reward answering-question; its untrained row is v7's)
 #
 # balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
 # training); every other run skips that evaluation and prints no rollouts. Each run writes
@@ -27,14 +27,14 @@ runs() {  # one line per run: NAME ARGUMENTS...
     echo "response-s$seed --credit response --seed $seed --no-eval-before --show-every 0"
     echo "balanced-v3-s$seed --reward supported --seed $seed --no-eval-before --show-every 0"
     echo "fspo-s$seed --credit fspo --seed $seed --no-eval-before --show-every 0"
-    echo "balanced-unref-s$seed --reward answering-unreferenced --seed $seed --no-eval-before --show-every 0"
-    echo "response-unref-s$seed --credit response --reward answering-unreferenced --seed $seed --no-eval-before --show-every 0"
+    echo "balanced-question-s$seed --reward answering-question --seed $seed --no-eval-before --show-every 0"
+    echo "response-question-s$seed --credit response --reward answering-question --seed $seed --no-eval-before --show-every 0"
   done
 }
 
-chosen() {  # the runs named on the command line, or all of them
+chosen() {  # the runs named on the command line, or rule 5's twelve
   if [ $# -eq 0 ]; then
-    runs
+    runs | grep -v -- -question-
   else
     for name in "$@"; do
       runs | awk -v n="$name" '$1 == n'
