@@ -1126,8 +1126,8 @@ def make_verifier(name: str, device):
 
 
 # Supported is not informative: a pasted sentence beside the question is supported too. The verdict
-# also says whether a claim answers, read from the context alone (no reference answer needed; an
-# abstention, below, is the one exception).
+# also says whether a claim answers: from the context and question alone where the data has no
+# reference answer (or under --reward answering-question), sharpened by the reference where it has.
 
 
 def new_terms(text: str, question: str) -> set[str]:
@@ -1296,8 +1296,9 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
     items[i] is the item (context and question) that response texts[i] answers. reward
     "answering": +1 for a claim that answers (answer_verdicts) and a right abstention, 0 for a
     supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
-    Where the item's reference answer is an abstention, no claim answers (the one other place
-    the reward reads the reference, beside abstention_verdict).
+    Where the item has a reference answer, it says which claim answers (reference_clause,
+    answer_verdicts), whether one can (where it abstains, none does) and whether an abstention is
+    right (abstention_verdict).
     reward "answering-question": the same, but the question alone says which claim answers (the
     question's clause and any new term of it, as on data without references); the reference still
     judges abstentions and says where there is no answer, the one thing the words cannot tell.
