@@ -511,8 +511,12 @@ ABSTENTION = re.compile(r"""
 NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context
     r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)"
     r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
+# Talk about the question that goes on to assert: "The question asks for the ratio, which is 2:1."
+# The assertion, from "which" on, is a claim.
+TALK_THEN_CLAIM = re.compile(r",\s+(which|who)\s+(is|was|are|were|has|had)\b", re.I)
 CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "okay", "ok", "great",
              "glad", "hope", "helps", "help", "happy"}  # "Thanks!" is no short answer
+ORDINAL_SUFFIXES = ("st", "nd", "rd", "th")  # "21st", "5th": WORD reads a number, then these
 WORD = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z][A-Za-z'\-]*")  # a number (1,400 or 2.5) or a word
 ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "Ms.", "St.", "vs.", "e.g.", "i.e.", "Inc.", "No.")
 # An initial ("Dwight D. Eisenhower", "U.S. exports") ends no sentence: names with initials are
@@ -527,15 +531,21 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     content words; or when it is a short answer, at most BARE_ANSWER_WORDS words with a content word
     ("The curriculum."), read with its question by the verifier. Abstentions ("the context does
     not say"), questions, talk about the question or the context ("The question asks ...") and
-    chit-chat are not claims.
+    chit-chat are not claims; where talk goes on to assert (", which is 2:1"), that part is.
     Example: "Paris has 2.1 million people. Who counted them? The context does not say. Thanks!"
              -> [(0, 29)]
     """
     claims = []
     for start, end in segment(text):
         clause = text[start:end]
-        if is_abstention(clause) or NOT_A_CLAIM.search(clause):
+        if is_abstention(clause):
             continue
+        if NOT_A_CLAIM.search(clause):
+            assertion = TALK_THEN_CLAIM.search(clause)
+            if not assertion or clause.rstrip().endswith("?"):
+                continue
+            start += assertion.start(1)
+            clause = text[start:end]
         found = content_words(clause)
         concrete = re.search(r"\d", clause) or has_name(clause) or len(found) >= 3
         answer_words = [word for word in found if word.lower() not in CHIT_CHAT]
@@ -584,12 +594,15 @@ def words(text: str) -> list[str]:
 
 
 def content_word_matches(text: str) -> list[re.Match]:
-    """Words that carry content, with positions: not a stopword, not a number, not one letter."""
+    """Words that carry content, with positions: not a stopword, not a number, not one letter,
+    not the "th" of "5th" (the number says it)."""
     found = []
     for match in WORD.finditer(text):
         word = match.group()
-        if word.lower() not in STOPWORDS and not word[0].isdigit() and len(word) > 1:
-            found.append(match)
+        ordinal = word.lower() in ORDINAL_SUFFIXES and text[:match.start()][-1:].isdigit()
+        if word.lower() in STOPWORDS or word[0].isdigit() or len(word) == 1 or ordinal:
+            continue
+        found.append(match)
     return found
 
 
@@ -666,6 +679,31 @@ def normalise_number(token: str) -> str:
     return token.replace(",", "")
 
 
+# A number the context spells out: "fifth" supports "5th", "three" supports "3". "one", "zero" and
+# "second" are left out: as words they are more often no number ("one of", "a second term").
+NUMBER_WORDS = {word: str(value) for value, word in enumerate(
+    "_ _ two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split()) if word != "_"}
+NUMBER_WORDS |= {word: str(value) for value, word in enumerate(
+    "_ first _ third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "
+    "fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth".split())
+    if word != "_"}
+
+
+def numbers_in(text: str) -> set[str]:
+    """The numbers a text states, in digits or spelled out (NUMBER_WORDS).
+
+    Example: "The fifth of 1,400 runners, three times." -> {"5", "1400", "3"}
+    """
+    found = set()
+    for word in words(text):
+        if word[0].isdigit():
+            found.add(normalise_number(word))
+        elif word.lower() in NUMBER_WORDS:
+            found.add(NUMBER_WORDS[word.lower()])
+    return found
+
+
 def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
     """The number and name rules: what the claim states that the context cannot support.
 
@@ -676,7 +714,7 @@ def ungrounded_numbers_and_names(context: str, claim: str) -> list[str]:
              -> ["number 18", "name Ohio"]
     """
     context_words = words(context)
-    context_numbers = {normalise_number(w) for w in context_words if w[0].isdigit()}
+    context_numbers = numbers_in(context)
     context_lower = {w.lower().removesuffix("'s") for w in context_words}
     context_stems = {stem(w) for w in context_words}
     context_initials = "".join(w[0].lower() for w in context_words)
@@ -724,7 +762,7 @@ def grounding_violations(context: str, claim: str, context_clause: str,
     if bare_answer:
         return ungrounded_numbers_and_names(headed_clause, claim)
     violations = ungrounded_numbers_and_names(context, claim)
-    clause_numbers = {normalise_number(w) for w in words(headed_clause) if w[0].isdigit()}
+    clause_numbers = numbers_in(headed_clause)
     for word in words(claim):
         number = normalise_number(word)
         if word[0].isdigit() and number not in clause_numbers:

@@ -866,6 +866,24 @@ def test_an_irregular_past_meets_its_verb():
     assert balto.question_overlap("How long did Project Apollo run?", "Apollo ran from 1961 to 1972") == 4
 
 
+def test_talk_about_the_question_that_goes_on_to_assert_is_a_claim_from_which_on():
+    text = "The question asks for the ratio of settlers, which is 2:1. The question asks who founded it."
+    assert [text[a:b] for a, b in balto.extract_claims(text)] == ["which is 2:1."]
+    assert balto.extract_claims("The question is, which is larger?") == []
+
+
+def test_a_number_the_context_spells_out_supports_its_digits():
+    context = "In 1998 Karl Olsen finished fifth, two places behind his brother."
+    assert balto.numbers_in("The fifth of 1,400 runners, three times.") == {"5", "1400", "3"}
+    assert balto.ungrounded_numbers_and_names(context, "Karl Olsen finished 5th.") == []
+    assert balto.ungrounded_numbers_and_names(context, "Karl Olsen finished 6th.") == ["number 6"]
+    assert balto.grounding_violations(context, "Olsen was 2 places behind.", context, False) == []
+    assert "th" not in balto.content_words("Karl Olsen finished 5th.")
+    checks = [(context, "Where did Olsen finish?", claim) for claim in ("Olsen finished 5th in 1998.", "4th.")]
+    assert [p for p, _ in balto.RuleVerifier().assess(checks)] == [1.0, 0.0]
+    assert balto.numbers_in("He served one term and a second one.") == set()  # words that are seldom numbers
+
+
 def test_short_answers_are_claims_and_chit_chat_is_not():
     assert balto.extract_claims("The curriculum.") == [(0, 15)]
     assert balto.extract_claims("Thanks!") == []
