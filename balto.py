@@ -513,7 +513,7 @@ NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the conte
     r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
 # Talk about the question that goes on to assert: "The question asks for the ratio, which is 2:1."
 # The assertion, from "which" on, is a claim.
-TALK_THEN_CLAIM = re.compile(r",\s+(which|who)\s+(is|was|are|were|has|had)\b", re.I)
+TALK_THEN_CLAIM = re.compile(r",\s+(which|who)\s+\w", re.I)
 CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "okay", "ok", "great",
              "glad", "hope", "helps", "help", "happy"}  # "Thanks!" is no short answer
 ORDINAL_SUFFIXES = ("st", "nd", "rd", "th")  # "21st", "5th": WORD reads a number, then these
@@ -745,9 +745,10 @@ def grounding_violations(context: str, claim: str, context_clause: str,
     """The transparent grounding rules. Any violation makes the claim unsupported.
 
     context_clause is the clause of the context that the claim is about (picked by the verifier);
-    headed_clause is the same clause read under its table's header rows (with_table_header),
-    whose numbers (a column's year) the clause's values are read under. Polarity is the clause's
-    own: a header's "(in thousands, except per share amounts)" negates none of its rows.
+    headed_clause is the same clause as claim_reading gives it: read under its table's header
+    rows, whose numbers (a column's year) the clause's values are read under, or joined to the
+    sentence a pronoun ties to it. Polarity is the clause's own: a header's "(in thousands,
+    except per share amounts)" negates none of its rows.
     - number and name: see ungrounded_numbers_and_names;
     - relevance: a number of the claim that its clause lacks was taken from another part of the
       context;
@@ -855,6 +856,35 @@ def with_table_header(clauses: list[str], index: int) -> str:
     if index < header_end:  # a header row: the question is about the whole table
         return "\n".join(clauses[first:last + 1])
     return "\n".join([clause, *clauses[first:header_end]])
+
+
+PRONOUNS = {"it", "its", "he", "his", "she", "her", "they", "their", "this", "these"}
+
+
+def claim_reading(clauses: list[str], index: int, bare_answer: bool) -> str:
+    """The text whose numbers a claim about clauses[index] may state: a table row under its
+    header rows (with_table_header); a sentence together with the next when that one opens with
+    a pronoun, and with the one before when it opens with one itself: "It cost 700 million euros."
+    continues "Ferrox built a battery factory.", and "The Ferrox factory cost 700 million euros"
+    states the two as one. A bare answer ("700 million euros.") names no subject: its clause
+    alone.
+    Example: (["Ferrox built a factory.", "It cost 700 million euros.", "Oslo is far."], 0, False)
+             -> "Ferrox built a factory. It cost 700 million euros."
+    """
+    if is_table_row(clauses[index]) or bare_answer:
+        return with_table_header(clauses, index)
+    first, last = index, index
+    if index > 0 and opens_with_pronoun(clauses[index]) and not is_table_row(clauses[index - 1]):
+        first = index - 1
+    if (index + 1 < len(clauses) and opens_with_pronoun(clauses[index + 1])
+            and not is_table_row(clauses[index + 1])):
+        last = index + 1
+    return " ".join(clauses[first:last + 1])
+
+
+def opens_with_pronoun(clause: str) -> bool:
+    found = words(clause)
+    return bool(found) and found[0].lower() in PRONOUNS
 
 
 # A question that asks for a heading of a table ("In which year ...?", "When was ... highest?"),
@@ -1004,7 +1034,7 @@ class RuleVerifier:
                 best = self.question_clause(context, question)
             else:
                 best = self.best_clause(clauses, claim)
-            clause = with_table_header(clauses, best)
+            clause = claim_reading(clauses, best, bare)
             if (grounding_violations(context, claim, clauses[best], bare, clause)
                     or wrong_column(claim, clauses, best)):
                 assessed.append((0.0, best))
@@ -1136,7 +1166,7 @@ class EncoderVerifier:
                 best = self.question_clause(context, question)
             else:
                 best = self.best_clause(clause_vectors, claims[i].sentence)
-            clause = with_table_header(clauses, best)
+            clause = claim_reading(clauses, best, bare)
             if (grounding_violations(context, claim, clauses[best], bare, clause)
                     or wrong_column(claim, clauses, best)):
                 assessed.append((0.0, best))

@@ -870,6 +870,21 @@ def test_talk_about_the_question_that_goes_on_to_assert_is_a_claim_from_which_on
     text = "The question asks for the ratio of settlers, which is 2:1. The question asks who founded it."
     assert [text[a:b] for a, b in balto.extract_claims(text)] == ["which is 2:1."]
     assert balto.extract_claims("The question is, which is larger?") == []
+    text = "The question asks about EU law, which contains primary and secondary law."
+    assert [text[a:b] for a, b in balto.extract_claims(text)] == ["which contains primary and secondary law."]
+
+
+def test_a_claim_may_state_the_number_of_the_sentence_a_pronoun_ties_to_its_clause():
+    context = "The startup Ferrox built a battery factory in Narvik. It cost 700 million euros. Oslo has 9 halls."
+    clauses = balto.context_clauses(context)
+    assert balto.claim_reading(clauses, 0, False) == " ".join(clauses[:2])
+    assert balto.claim_reading(clauses, 1, False) == " ".join(clauses[:2])
+    assert balto.claim_reading(clauses, 2, False) == clauses[2]
+    assert balto.claim_reading(clauses, 0, True) == clauses[0]  # a bare answer: its clause alone
+    question = "How much did the Ferrox factory cost?"
+    checks = [(context, question, claim) for claim in ("The Ferrox battery factory in Narvik cost 700 million euros.",
+                                                        "The Ferrox battery factory in Narvik has 9 halls.")]
+    assert [p for p, _ in balto.RuleVerifier().assess(checks)] == [1.0, 0.0]
 
 
 def test_a_number_the_context_spells_out_supports_its_digits():
