@@ -682,12 +682,12 @@ def normalise_number(token: str) -> str:
 # A number the context spells out: "fifth" supports "5th", "three" supports "3". "one", "zero" and
 # "second" are left out: as words they are more often no number ("one of", "a second term").
 NUMBER_WORDS = {word: str(value) for value, word in enumerate(
-    "_ _ two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split()) if word != "_"}
+    "two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split(), start=2)}
+NUMBER_WORDS["first"] = "1"
 NUMBER_WORDS |= {word: str(value) for value, word in enumerate(
-    "_ first _ third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "
-    "fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth".split())
-    if word != "_"}
+    "third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth "
+    "fifteenth sixteenth seventeenth eighteenth nineteenth twentieth".split(), start=3)}
 
 
 def numbers_in(text: str) -> set[str]:
