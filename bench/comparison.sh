@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparisons of docs/results.md (rules 5 to 9): every run of a list, two at a time, one thread
+# The comparisons of docs/results.md (rules 5 to 10): every run of a list, two at a time, one thread
 # each.
 #
 #   bash bench/comparison.sh runs/v4                 # rule 5: 4 ways to train x seeds 0, 1, 2
@@ -8,6 +8,8 @@
 #   (rules 7 and 8: the same six runs into runs/v6 and runs/v7)
 #   bash bench/comparison.sh runs/v8 balanced-question-s0 balanced-question-s1 balanced-question-s2 response-question-s0 response-question-s1 response-question-s2
 #   (rule 9: --reward answering-question; its untrained row is v7's)
+#   bash bench/comparison.sh runs/v9 balanced-group-s0 balanced-group-s1 balanced-group-s2 balanced-group-s3 balanced-s3 response-s3
+#   (rule 10: in a worktree of ae65cbd, rule 8's commit, with this file copied in)
 #
 # balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
 # training); every other run skips that evaluation and prints no rollouts. Each run writes
@@ -18,7 +20,7 @@ out=${1:?usage: bash bench/comparison.sh OUT [NAME ...]}
 mkdir -p "$out"
 
 runs() {  # one line per run: NAME ARGUMENTS...
-  for seed in 0 1 2; do
+  for seed in 0 1 2 3; do
     if [ "$seed" = 0 ]; then
       echo "balanced-s0"
     else
@@ -29,12 +31,13 @@ runs() {  # one line per run: NAME ARGUMENTS...
     echo "fspo-s$seed --credit fspo --seed $seed --no-eval-before --show-every 0"
     echo "balanced-question-s$seed --reward answering-question --seed $seed --no-eval-before --show-every 0"
     echo "response-question-s$seed --credit response --reward answering-question --seed $seed --no-eval-before --show-every 0"
+    echo "balanced-group-s$seed --credit balanced-group --seed $seed --no-eval-before --show-every 0"
   done
 }
 
 chosen() {  # the runs named on the command line, or rule 5's twelve
   if [ $# -eq 0 ]; then
-    runs | grep -v -- -question-
+    runs | awk '$1 !~ /-question-|-group-|-s3$/'
   else
     for name in "$@"; do
       runs | awk -v n="$name" '$1 == n'

@@ -1,6 +1,6 @@
 """lambda of balanced-group, by README's rule 3: neither part of its credit dominates.
 
-    python bench/lam.py bench/dev.jsonl
+    python bench/lam.py bench/dev.jsonl [REWARD]
 
 On prompts the comparison does not report, the untrained policy's G samples per prompt (default
 sampling, seed 0) are judged as in training. balanced-group is a transfer part (lam / N+- on labelled
@@ -8,8 +8,8 @@ tokens) plus the group part g_i / L_i; the transfer part is proportional to lamb
 RMS(group part) / RMS(transfer part at lambda 1), the RMS over every response token, as matched scale
 takes it. Printed to two significant digits. (Rule 3 also gave zero-sum, removed by the rule after its
 runs, lambda 1.6: this script at commit b8bccb0.) --lam's default, 0.69, was measured at commit
-d7e7929 under v3's reward, "supported", which this script keeps; balanced-group was not in v4's
-comparison, so it has not been measured again under the answering reward.
+d7e7929 under v3's reward (`python bench/lam.py bench/dev.jsonl supported` today); REWARD defaults
+to balto.py's default reward, under which rule 10 measured its lambda (docs/results.md).
 """
 from __future__ import annotations
 
@@ -22,10 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import balto  # noqa: E402
 
-REWARD = "supported"  # v3's labels, under which --lam's default was measured
 
-
-def main(data: str) -> None:
+def main(data: str, reward: str) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -42,8 +40,8 @@ def main(data: str) -> None:
     group_sq = transfer_sq = 0.0  # sums of squares over response tokens
     for start in range(0, len(items), 8):
         batch = balto.rollout(sampler, tokenizer, items[start:start + 8], cfg.group_size, cfg, device)
-        verdict = balto.judge(verifier, batch, cfg.support_threshold, REWARD)
-        rewards = balto.response_rewards(verdict.verdicts, REWARD)
+        verdict = balto.judge(verifier, batch, cfg.support_threshold, reward)
+        rewards = balto.response_rewards(verdict.verdicts, reward)
         labels, mask = verdict.labels.to(device), batch.mask
         group = balto.balanced_group_credit(labels, mask, rewards, cfg.group_size, 0.0)  # lam 0: g_i / L_i
         transfer = balto.balanced_credit(labels, mask)  # balanced-group's other part, at lam 1
@@ -51,8 +49,8 @@ def main(data: str) -> None:
         transfer_sq += float((transfer * mask).pow(2).sum())
     lam = math.sqrt(group_sq / transfer_sq)
     print(f"balanced-group: lambda {float(f'{lam:.2g}')} (RMS ratio {lam:.4f}; "
-          f"{len(items)} prompts x {cfg.group_size})")
+          f"{len(items)} prompts x {cfg.group_size}; reward {reward})")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else balto.Config().reward)
