@@ -6,6 +6,7 @@ metric, with paired bootstrap intervals.
     python bench/compare.py runs/v4 --metric hallucination_rate   # rule 5's tie-break
     python bench/compare.py runs/v4 --settings squad              # one setting's differences
     python bench/compare.py bench/results/v6 --beside bench/results/v5=v5   # v5's runs as balanced-v5, ...
+    python bench/compare.py bench/results/v7 --add bench/results/v9   # v9's runs as more seeds, new modes
 
 A run directory is <mode>-s<seed>; `base` is the untrained policy (balto.py --steps 0: its metrics
 are under "after"). A run scored before training too (v4's balanced-s0) gives the row "untrained".
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("root", nargs="?", default="runs/v3", help="a directory of <mode>-s<seed> runs")
     parser.add_argument("--beside", default="", metavar="DIR=TAG",
                         help="another comparison's runs, added as <mode>-TAG (the untrained row is the root's)")
+    parser.add_argument("--add", default="", metavar="DIR",
+                        help="more runs of the same comparison under their own names: new seeds or modes "
+                             "(a mode's seed in both directories is an error; the untrained row is the root's)")
     parser.add_argument("--pairs", default="", help="A:B,C:D: the primary's paired differences A - B "
                                                     "(default: every mode against balanced)")
     parser.add_argument("--metric", default="q_score", choices=KEYS,
@@ -133,6 +137,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     runs, walls, old = load(Path(args.root))
     if not runs:
         parser.error(f"{args.root}: no */metrics.json")
+    if args.add:
+        more, more_walls, more_old = load(Path(args.add))
+        if not more:
+            parser.error(f"--add: {args.add}: no */metrics.json")
+        for name in UNTRAINED:
+            more.pop(name, None)
+        for mode, per_seed in more.items():
+            clash = set(per_seed) & set(runs.get(mode, {}))
+            if clash:
+                parser.error(f"--add: {mode} seed {min(clash)} is in both {args.root} and {args.add}")
+            runs.setdefault(mode, {}).update(per_seed)
+            walls.setdefault(mode, []).extend(more_walls.get(mode, []))
+        old |= more_old
     if args.beside:
         other, _, tag = args.beside.rpartition("=")
         more, more_walls, more_old = load(Path(other))

@@ -175,3 +175,16 @@ def test_beside_adds_another_comparisons_runs_under_a_tag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(now), "--beside", str(before)])  # no tag: the names would collide
     assert exit_info.value.code == 2
+
+
+def test_add_puts_another_directorys_seeds_and_modes_beside_the_roots(tmp_path, capsys):
+    split = {name: RUNS[name] for name in ("fspo-s1", "balanced-s1", "token-s0", "token-s1")}
+    root = write_runs(tmp_path / "root", {n: t for n, t in RUNS.items() if n not in split})
+    more = write_runs(tmp_path / "more", split)
+    point = compare.main([str(root), "--add", str(more), "--pairs", "fspo:balanced,token:balanced"])
+    whole = compare.main([str(write_runs(tmp_path / "whole")), "--pairs", "fspo:balanced,token:balanced"])
+    assert point == pytest.approx(whole)
+    assert point["fspo"] == pytest.approx(naive_primary("fspo"))  # seed 0 from root, seed 1 added
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(root), "--add", str(root)])  # every seed in both: refused
+    assert exit_info.value.code == 2
