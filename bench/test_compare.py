@@ -188,3 +188,11 @@ def test_add_puts_another_directorys_seeds_and_modes_beside_the_roots(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(root), "--add", str(root)])  # every seed in both: refused
     assert exit_info.value.code == 2
+
+
+def test_a_pair_whose_seeds_differ_is_not_compared(tmp_path, capsys):
+    root = write_runs(tmp_path, {n: t for n, t in RUNS.items() if n != "balanced-s1"})
+    compare.main([str(root), "--pairs", "fspo:balanced,token:response"])
+    out = capsys.readouterr().out
+    assert "fspo - balanced: seeds [0, 1] against [0]: incomplete, not compared" in out
+    assert "differs" in verdicts(out)["token - response"] or "no difference" in verdicts(out)["token - response"]
