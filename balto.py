@@ -751,7 +751,7 @@ def grounding_violations(context: str, claim: str, context_clause: str,
     except per share amounts)" negates none of its rows.
     - number and name: see ungrounded_numbers_and_names;
     - relevance: a number of the claim that its clause lacks was taken from another part of the
-      context;
+      context (not one that is part of a name, "the comet Varga-3": the name rule checks it);
     - negation: the claim and its clause disagree on negation;
     - antonym: the claim uses a direction word (rose, higher, ...) whose opposite the clause uses.
     A bare answer ("1974.") states no predicate: it gets the number and name check alone, against
@@ -764,9 +764,13 @@ def grounding_violations(context: str, claim: str, context_clause: str,
         return ungrounded_numbers_and_names(headed_clause, claim)
     violations = ungrounded_numbers_and_names(context, claim)
     clause_numbers = numbers_in(headed_clause)
-    for word in words(claim):
+    claim_words = words(claim)
+    for i, word in enumerate(claim_words):
         number = normalise_number(word)
-        if word[0].isdigit() and number not in clause_numbers:
+        before = claim_words[i - 1] if i > 0 else ""
+        hyphened = before[:1].isalpha() and before.endswith("-")
+        in_name = hyphened and before + word in context  # "Varga-3", as the context names it
+        if word[0].isdigit() and number not in clause_numbers and not in_name:
             if f"number {word}" not in violations:  # in the context, but elsewhere
                 violations.append(f"number {word} is about another part of the context")
     claim_lower = [w.lower() for w in words(claim)]
@@ -873,13 +877,25 @@ def claim_reading(clauses: list[str], index: int, bare_answer: bool) -> str:
     """
     if is_table_row(clauses[index]) or bare_answer:
         return with_table_header(clauses, index)
+    first, last = reading_span(clauses, index, bare_answer)
+    return " ".join(clauses[first:last + 1])
+
+
+def reading_span(clauses: list[str], index: int, bare_answer: bool) -> tuple[int, int]:
+    """The first and last clause that claim_reading reads a claim about clauses[index] in: the
+    sentences a pronoun ties to it (a table row and a bare answer: its own clause alone).
+    Example: (["Ferrox built a factory.", "It cost 700 million euros.", "Oslo is far."], 0, False)
+             -> (0, 1)
+    """
+    if is_table_row(clauses[index]) or bare_answer:
+        return index, index
     first, last = index, index
     if index > 0 and opens_with_pronoun(clauses[index]) and not is_table_row(clauses[index - 1]):
         first = index - 1
     if (index + 1 < len(clauses) and opens_with_pronoun(clauses[index + 1])
             and not is_table_row(clauses[index + 1])):
         last = index + 1
-    return " ".join(clauses[first:last + 1])
+    return first, last
 
 
 def opens_with_pronoun(clause: str) -> bool:
@@ -1292,6 +1308,17 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
     return labels
 
 
+def claim_about(clauses: list[str], index: int, asked: int, bare_answer: bool) -> int:
+    """The clause a claim about clauses[index] is about for the answering verdict: asked, where
+    the claim is read together with it (reading_span), else index. "The Ferrox factory cost 700
+    million euros" matches "Ferrox built a factory." best and is read with "It cost 700 million
+    euros.", the clause that answers.
+    Example: (["Ferrox built a factory.", "It cost 700 million euros."], 0, 1, False) -> 1
+    """
+    first, last = reading_span(clauses, index, bare_answer)
+    return asked if first <= asked <= last else index
+
+
 def abstention_verdict(item: dict) -> int:
     """An abstention ("the context does not say") is right where the context holds no answer.
 
@@ -1403,9 +1430,11 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
                     asked = verifier.question_clause(context, question)
                 asked_clause = answer_source(clauses, asked, question)
             said = [text[start:end] for start, end in claims[i]]
+            about = [claim_about(clauses, c, asked, is_bare_answer(claim, question))
+                     for (_, c), claim in zip(row, said)]
             abstentions = [span for span in segment(text) if is_abstention(text[slice(*span)])]
             row_spans = claims[i] + abstentions
-            row_verdicts = answer_verdicts(said, supported[i], [c for _, c in row], asked,
+            row_verdicts = answer_verdicts(said, supported[i], about, asked,
                                            asked_clause, question, answer)
             row_verdicts += [abstention_verdict(item)] * len(abstentions)
         spans.append(row_spans)

@@ -887,6 +887,31 @@ def test_a_claim_may_state_the_number_of_the_sentence_a_pronoun_ties_to_its_clau
     assert [p for p, _ in balto.RuleVerifier().assess(checks)] == [1.0, 0.0]
 
 
+def test_a_claim_read_with_the_clause_that_answers_is_about_that_clause():
+    clauses = ["Ferrox built a factory.", "It cost 700 million euros.", "Oslo is far."]
+    assert balto.reading_span(clauses, 0, False) == (0, 1)
+    assert balto.reading_span(clauses, 0, True) == (0, 0)  # a bare answer: its clause alone
+    assert balto.claim_about(clauses, 0, 1, False) == 1
+    assert balto.claim_about(clauses, 2, 1, False) == 2
+    context = "The startup Ferrox built a battery factory in Narvik. It cost 700 million euros. Oslo has 9 halls."
+    item = {"context": context, "question": "How much did the Ferrox factory cost?", "answer": "700 million euros."}
+    texts = ["The Ferrox battery factory in Narvik cost 700 million euros.", "The startup Ferrox built it in Narvik."]
+    judged = balto.judge_responses(balto.RuleVerifier(), [item] * 2, texts, [[(0, len(t))] for t in texts], 0.35,
+                                   "answering")
+    assert judged.verdicts == [[1], [0]]  # the answer, read with its subject's sentence; the subject alone
+
+
+def test_a_number_that_is_part_of_a_name_is_not_held_to_its_clause():
+    context = "The comet Varga-3 passes the Sun every 71 years. Astronomer Ilona Varga found it in 1883."
+    clause = balto.context_clauses(context)[1]
+    claim = "The comet Varga-3 was found by Ilona Varga in 1883."
+    assert balto.grounding_violations(context, claim, clause, False) == []
+    assert balto.grounding_violations(context, "The comet Varga-71 was found by Ilona Varga in 1883.", clause,
+                                      False) == ["number 71 is about another part of the context"]
+    assert balto.grounding_violations(context, "Varga found it in 71.", clause, False) == [
+        "number 71 is about another part of the context"]
+
+
 def test_a_number_the_context_spells_out_supports_its_digits():
     context = "In 1998 Karl Olsen finished fifth, two places behind his brother."
     assert balto.numbers_in("The fifth of 1,400 runners, three times.") == {"5", "1400", "3"}
