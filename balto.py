@@ -511,9 +511,14 @@ ABSTENTION = re.compile(r"""
 NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the context
     r"\?[\"')\]]*$|^(question\s*:|(the|this|your)\s+question\b|(the|this)\s+(context|passage|text)"
     r"\s+(is about|talks about|discusses|describes|concerns|deals with|refers to)\b)", re.I)
-# Talk about the question that goes on to assert: "The question asks for the ratio, which is 2:1."
-# The assertion, from "which" on, is a claim.
-TALK_THEN_CLAIM = re.compile(r",\s+(which|who)\s+\w", re.I)
+# Talk about the question that goes on to assert: "The question asks for the ratio, which is 2:1.",
+# "The question mentions that the line closed in 1961.", "The question asks about an embargo, but
+# the answer is a partial one." The assertion, from "which" on or after "that" or "but", is a claim.
+TALK_THEN_CLAIM = re.compile(
+    r",\s+(?=(?:which|who)\s+\w)"
+    r"|\b(?:mentions|states|says|suggests|implies|notes|shows|indicates|assumes|claims)"
+    r"\s+that\s+(?=\w)"
+    r"|\bbut\s+(?!(?:I|we)\b)(?=\w)", re.I)  # not "but I will rewrite it": talk about the reply
 CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "okay", "ok", "great",
              "glad", "hope", "helps", "help", "happy"}  # "Thanks!" is no short answer
 ORDINAL_SUFFIXES = ("st", "nd", "rd", "th")  # "21st", "5th": WORD reads a number, then these
@@ -531,7 +536,8 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     content words; or when it is a short answer, at most BARE_ANSWER_WORDS words with a content word
     ("The curriculum."), read with its question by the verifier. Abstentions ("the context does
     not say"), questions, talk about the question or the context ("The question asks ...") and
-    chit-chat are not claims; where talk goes on to assert (", which is 2:1"), that part is.
+    chit-chat are not claims; where talk goes on to assert (", which is 2:1", "mentions that the
+    line closed in 1961", ", but the answer is 9"), that part is.
     Example: "Paris has 2.1 million people. Who counted them? The context does not say. Thanks!"
              -> [(0, 29)]
     """
@@ -544,7 +550,7 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
             assertion = TALK_THEN_CLAIM.search(clause)
             if not assertion or clause.rstrip().endswith("?"):
                 continue
-            start += assertion.start(1)
+            start += assertion.end()
             clause = text[start:end]
         found = content_words(clause)
         concrete = re.search(r"\d", clause) or has_name(clause) or len(found) >= 3

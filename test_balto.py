@@ -872,6 +872,11 @@ def test_talk_about_the_question_that_goes_on_to_assert_is_a_claim_from_which_on
     assert balto.extract_claims("The question is, which is larger?") == []
     text = "The question asks about EU law, which contains primary and secondary law."
     assert [text[a:b] for a, b in balto.extract_claims(text)] == ["which contains primary and secondary law."]
+    text = ("The question mentions that the Apollo-Soyuz test ran in 1973-74. "
+            "The question asks about an embargo on the UK, but it ended in 1974. "
+            "The question is asking who founded Loomly. The question is clear, but I will give the 3 dates.")
+    assert [text[a:b] for a, b in balto.extract_claims(text)] == [
+        "the Apollo-Soyuz test ran in 1973-74.", "it ended in 1974."]
 
 
 def test_a_claim_may_state_the_number_of_the_sentence_a_pronoun_ties_to_its_clause():
