@@ -488,7 +488,8 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
 # A span's or a token's label. What +1 means is --reward's: under "answering" (the default) a
 # supported claim that answers the question, or a right abstention; under "answering-question" the
 # same, the question alone saying which claim answers; under "supported" (v3, the verifier's
-# verdict alone) any supported claim. -1 is unsupported content, or a wrong abstention.
+# verdict alone) any supported claim. -1 is unsupported content, a wrong abstention, or (under the
+# answering rewards) talk about the question in place of an answer.
 PLUS, NEUTRAL, MINUS = 1, 0, -1
 BARE_ANSWER_WORDS = 3  # an answer this short ("1974.", "Claire Duval.") is read with its question
 LABEL_NAMES = {PLUS: "plus", NEUTRAL: "neutral", MINUS: "minus"}
@@ -544,13 +545,10 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     claims = []
     for start, end in segment(text):
         clause = text[start:end]
-        if is_abstention(clause):
+        if is_abstention(clause) or is_talk(clause):
             continue
-        if NOT_A_CLAIM.search(clause):
-            assertion = TALK_THEN_CLAIM.search(clause)
-            if not assertion or clause.rstrip().endswith("?"):
-                continue
-            start += assertion.end()
+        if NOT_A_CLAIM.search(clause):  # talk that goes on to assert: the assertion is the claim
+            start += TALK_THEN_CLAIM.search(clause).end()
             clause = text[start:end]
         found = content_words(clause)
         concrete = re.search(r"\d", clause) or has_name(clause) or len(found) >= 3
@@ -623,6 +621,17 @@ def has_name(text: str) -> bool:
 
 def is_abstention(text: str) -> bool:
     return bool(ABSTENTION.search(text))
+
+
+def is_talk(clause: str) -> bool:
+    """A question, or talk about the question or the context that asserts nothing: no claim, and
+    no answer either (judge_responses labels it where the response neither answers nor abstains).
+    Example: "The question is asking who founded Loomly." -> True;
+             "The question asks for the ratio, which is 2:1." -> False (a claim from "which")
+    """
+    if is_abstention(clause) or not NOT_A_CLAIM.search(clause):
+        return False
+    return not TALK_THEN_CLAIM.search(clause) or clause.rstrip().endswith("?")
 
 
 # ==== 4. Verify =================================================================================
@@ -1339,6 +1348,18 @@ def abstention_verdict(item: dict) -> int:
     return MINUS
 
 
+def talk_verdict(item: dict) -> int:
+    """Talk (is_talk) in a response that neither answers nor abstains is a non-answer: -1, as a
+    wrong abstention is, or restating the question would be free (it costs nothing that a
+    response with no label at all does not). Unlike an abstention it needs no reference to judge:
+    talk is never the answer. Where the reference abstains (the context holds none), it misses
+    no answer: 0.
+    """
+    if reference_abstains(item):
+        return NEUTRAL
+    return MINUS
+
+
 def reference_abstains(item: dict) -> bool:
     """The item's reference answer says the context holds no answer ("The context does not say")."""
     return is_abstention(item.get("answer") or "")
@@ -1396,7 +1417,9 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
 
     items[i] is the item (context and question) that response texts[i] answers. reward
     "answering": +1 for a claim that answers (answer_verdicts) and a right abstention, 0 for a
-    supported claim beside the question, -1 for an unsupported claim and a wrong abstention.
+    supported claim beside the question, -1 for an unsupported claim and a wrong abstention; in a
+    response that neither answers nor abstains, its talk (a question, the question restated) is
+    -1 too (talk_verdict), so talking costs what a wrong answer costs.
     Where the item has a reference answer, it says which claim answers (reference_clause,
     answer_verdicts), whether one can (where it abstains, none does) and whether an abstention is
     right (abstention_verdict).
@@ -1443,6 +1466,10 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts = answer_verdicts(said, supported[i], about, asked,
                                            asked_clause, question, answer)
             row_verdicts += [abstention_verdict(item)] * len(abstentions)
+            if PLUS not in row_verdicts and not abstentions:  # talk in place of an answer
+                talk = [span for span in segment(text) if is_talk(text[slice(*span)])]
+                row_spans = row_spans + talk
+                row_verdicts += [talk_verdict(item)] * len(talk)
         spans.append(row_spans)
         verdicts.append(row_verdicts)
         token_labels = project_labels(offsets[i], row_spans, row_verdicts)

@@ -832,6 +832,36 @@ def test_where_the_reference_abstains_no_claim_answers():
     assert answered.verdicts == [[1]]  # with an answering reference, the same claim is read as before
 
 
+def test_talk_in_place_of_an_answer_is_minus_one_and_a_preamble_to_an_answer_is_not_labelled():
+    """Restating the question was free (no label, no credit under balanced); it is now a non-answer, judged without
+    a reference. Invariants: an answer, an abstention or --reward supported leave it unlabelled; the response reward
+    of a talk-only response is what it was (0, as with no label)."""
+    context = "The startup Loomly was founded by Ana Ruiz in 2019. It has 40 staff."
+    item = {"context": context, "question": "Who founded Loomly?", "answer": "Ana Ruiz."}
+    talk = "The question is asking who founded Loomly."
+    texts = [talk, talk + " Ana Ruiz founded Loomly.", talk + " The context does not say.", "Who founded Loomly?"]
+    offsets = [[(0, 12), (12, len(talk))], [(0, len(talk)), (len(talk), len(texts[1]))], [], [(0, 19)]]
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 4, texts, offsets, 0.35, "answering")
+    assert balto.is_talk(talk) and balto.extract_claims(talk) == []
+    assert verdict.spans[0] == [(0, len(talk))] and verdict.verdicts[0] == [-1]
+    assert verdict.labels[0, :2].tolist() == [-1, -1] and verdict.labels[1, :2].tolist() == [0, 1]
+    assert verdict.verdicts[1] == [1] and verdict.verdicts[2] == [-1]  # a preamble; the abstention alone is judged
+    assert verdict.verdicts[3] == [-1]  # the question asked back
+    assert balto.response_rewards(verdict.verdicts, "answering").tolist() == [0.0, 1.0, 0.0, 0.0]
+    credit = balto.balanced_credit(verdict.labels[:1, :2], torch.ones(1, 2))
+    assert credit.tolist() == [[-0.5, -0.5]]  # was [[0, 0]]: nothing moved it
+    unreferenced = balto.judge_responses(balto.RuleVerifier(), [{"context": context, "question": item["question"]}],
+                                         texts[:1], offsets[:1], 0.35, "answering")
+    assert unreferenced.verdicts == [[-1]]  # talk is never the answer: no reference needed
+    no_answer = balto.judge_responses(balto.RuleVerifier(), [{**item, "answer": "The context does not say."}],
+                                      texts[:1], offsets[:1], 0.35, "answering")
+    assert no_answer.verdicts == [[0]]  # the context holds no answer: talk misses none
+    supported = balto.judge_responses(balto.RuleVerifier(), [item], texts[:1], offsets[:1], 0.35, "supported")
+    assert supported.verdicts == [[]] and supported.labels.abs().sum() == 0
+    assert not balto.is_talk("The question asks for the ratio, which is 2:1.")
+    assert not balto.is_talk("The question cannot be answered from the context.")  # an abstention
+
+
 def test_under_answering_question_the_question_says_which_claim_answers_and_the_reference_judges_abstentions():
     """Invariants: on an item whose reference answers, --reward answering-question labels its claims as --reward
     answering does on the item without its reference, and its abstentions as --reward answering does; on one whose

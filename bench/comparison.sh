@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparisons of docs/results.md (rules 5 to 10): every run of a list, two at a time, one thread
+# The comparisons of docs/results.md (rules 5 to 11): every run of a list, two at a time, one thread
 # each.
 #
 #   bash bench/comparison.sh runs/v4                 # rule 5: 4 ways to train x seeds 0, 1, 2
@@ -10,6 +10,8 @@
 #   (rule 9: --reward answering-question; its untrained row is v7's)
 #   bash bench/comparison.sh runs/v9 balanced-group-s0 balanced-group-s1 balanced-group-s2 balanced-group-s3 balanced-s3 response-s3
 #   (rule 10: in a worktree of ae65cbd, rule 8's commit, with this file copied in)
+#   bash bench/comparison.sh runs/v10 balanced-s0 response-s0 balanced-s1 response-s1 balanced-s2 response-s2
+#   (rule 11: talk in place of an answer is -1; in a worktree of its commit)
 #
 # balanced-s0 is README's command as it is (`python balto.py`, the untrained policy scored before
 # training); every other run skips that evaluation and prints no rollouts. Each run writes

@@ -6,7 +6,9 @@ that rule 5 asks for beside the numbers (pasting, terseness, questions, hedging)
 Each step logs one response of its batch (balto.py section 10). A span is marked [+ +] answering
 (or supported, under --reward supported), [- -] unsupported, [0 0] neutral; text outside the marks
 is not a claim. "mean reward" is the step's mean over its responses; "credit" is the credit on the
-response's first token (a whole-response mode gives every token the same).
+response's first token (a whole-response mode gives every token the same). The last line counts the
+responses that talk in place of an answer (rule 11): a question or the question restated
+(balto.is_talk), no +1 span and no abstention, read the same way in any run's log.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import balto  # noqa: E402
 from steps import read_log, run_dir_argument  # noqa: E402
 
 LAST = 20  # steps 41-60 of a 60-step run
@@ -27,13 +31,27 @@ def marked(text: str, spans: list) -> str:
     '[+ It is 8. +] [- Or 9. -]'
     """
     out, at = [], 0
-    for start, end, label in spans:
+    for start, end, label in sorted(spans):  # claims first, then abstentions and talk: in text order
         mark = MARKS[label]
         out.append(text[at:start])
         out.append(f"[{mark} {text[start:end]} {mark}]")
         at = end
     out.append(text[at:])
     return "".join(out).replace("\n", " / ")
+
+
+def talks_instead(text: str, spans: list) -> bool:
+    """The response talks in place of an answer: a talk clause, no +1 span, no abstention.
+
+    >>> talks_instead("The question is asking who founded it.", [])
+    True
+    >>> talks_instead("The question is asking who founded it. Ana did.", [[39, 48, 1]])
+    False
+    """
+    clauses = [text[start:end] for start, end in balto.segment(text)]
+    if any(label == 1 for _, _, label in spans) or any(map(balto.is_abstention, clauses)):
+        return False
+    return any(map(balto.is_talk, clauses))
 
 
 def main(run_dir: str) -> list[str]:
@@ -45,6 +63,8 @@ def main(run_dir: str) -> list[str]:
         lines.append(f"step {row['step']} (mean reward {row['reward']:.2f}, credit {credit:+.2f}): "
                      f"{example['question']}")
         lines.append("    " + marked(example["text"], example["spans"]))
+    talking = sum(talks_instead(row["example"]["text"], row["example"]["spans"]) for row in steps[-LAST:])
+    lines.append(f"talk in place of an answer: {talking} of {len(steps[-LAST:])}")
     print("\n".join(lines))
     return lines
 
