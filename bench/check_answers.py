@@ -5,8 +5,9 @@
 
 The file is JSONL, one {context, question, answer?, response, expected, category} object a line:
 expected lists the labels balto.judge_responses should give the response's claims, then its
-abstentions, under --reward answering (+1 answers, 0 supported beside the question or said before,
--1 unsupported or a wrong abstention). A case counts as right when every label matches.
+abstentions, then its talk in place of an answer, under --reward answering (+1 answers, 0 supported
+beside the question or said before, -1 unsupported, a wrong abstention or talk in place of an
+answer). A case counts as right when every label matches.
 
 The verdict reads a case's reference answer where it has one (balto.reference_clause); most RAG
 data has none, so each run also checks the verdict with the references taken away, on the
@@ -32,7 +33,7 @@ def load_cases(path: str) -> list[dict]:
     return cases
 
 
-REFERENCE_FREE = ("answers", "beside", "repeated", "pasted", "unsupported")
+REFERENCE_FREE = ("answers", "beside", "repeated", "pasted", "unsupported", "talk")
 
 
 def without_references(cases: list[dict]) -> list[dict]:
