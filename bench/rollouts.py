@@ -7,8 +7,9 @@ Each step logs one response of its batch (balto.py section 10). A span is marked
 (or supported, under --reward supported), [- -] unsupported, [0 0] neutral; text outside the marks
 is not a claim. "mean reward" is the step's mean over its responses; "credit" is the credit on the
 response's first token (a whole-response mode gives every token the same). The last line counts the
-responses that talk in place of an answer (rule 11): a question or the question restated
-(balto.is_talk), no +1 span and no abstention, read the same way in any run's log.
+responses that answer nothing (no +1 span, no abstention, however worded) and, of those, the ones
+that talk in place of an answer (rule 11): a question or the question restated (balto.is_talk),
+read the same way in any run's log (which does not hold the reference: talk where it abstains counts).
 """
 from __future__ import annotations
 
@@ -40,8 +41,20 @@ def marked(text: str, spans: list) -> str:
     return "".join(out).replace("\n", " / ")
 
 
+def answers_nothing(text: str, spans: list) -> bool:
+    """The response has no +1 span and no abstention.
+
+    >>> answers_nothing("Thanks! I will look.", [])
+    True
+    >>> answers_nothing("The context does not say.", [[0, 25, -1]])
+    False
+    """
+    clauses = [text[start:end] for start, end in balto.segment(text)]
+    return not any(label == 1 for _, _, label in spans) and not any(map(balto.is_abstention, clauses))
+
+
 def talks_instead(text: str, spans: list) -> bool:
-    """The response talks in place of an answer: a talk clause, no +1 span, no abstention.
+    """The response talks in place of an answer: it answers nothing and has a talk clause.
 
     >>> talks_instead("The question is asking who founded it.", [])
     True
@@ -49,9 +62,7 @@ def talks_instead(text: str, spans: list) -> bool:
     False
     """
     clauses = [text[start:end] for start, end in balto.segment(text)]
-    if any(label == 1 for _, _, label in spans) or any(map(balto.is_abstention, clauses)):
-        return False
-    return any(map(balto.is_talk, clauses))
+    return answers_nothing(text, spans) and any(map(balto.is_talk, clauses))
 
 
 def main(run_dir: str) -> list[str]:
@@ -63,8 +74,10 @@ def main(run_dir: str) -> list[str]:
         lines.append(f"step {row['step']} (mean reward {row['reward']:.2f}, credit {credit:+.2f}): "
                      f"{example['question']}")
         lines.append("    " + marked(example["text"], example["spans"]))
-    talking = sum(talks_instead(row["example"]["text"], row["example"]["spans"]) for row in steps[-LAST:])
-    lines.append(f"talk in place of an answer: {talking} of {len(steps[-LAST:])}")
+    examples = [row["example"] for row in steps[-LAST:]]
+    nothing = sum(answers_nothing(example["text"], example["spans"]) for example in examples)
+    talking = sum(talks_instead(example["text"], example["spans"]) for example in examples)
+    lines.append(f"answering nothing: {nothing} of {len(examples)}, talk in place of an answer: {talking}")
     print("\n".join(lines))
     return lines
 

@@ -34,7 +34,8 @@ def test_the_last_20_steps_with_their_marks(tmp_path, capsys, packed):
     else:
         (tmp_path / "log.jsonl").write_text(text, encoding="utf-8")
     lines = rollouts.main(str(tmp_path))
-    assert len(lines) == 2 * rollouts.LAST + 1 and lines[-1] == "talk in place of an answer: 0 of 20"
+    assert len(lines) == 2 * rollouts.LAST + 1
+    assert lines[-1] == "answering nothing: 0 of 20, talk in place of an answer: 0"
     assert lines[0] == "step 6 (mean reward 0.25, credit +0.50): Q6?"
     assert lines[1] == "    [+ Step 6 says 8. +] [- Not 9. -]"
     assert lines[-3].startswith("step 25 ")
