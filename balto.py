@@ -544,19 +544,33 @@ def extract_claims(text: str) -> list[tuple[int, int]]:
     """
     claims = []
     for start, end in segment(text):
-        clause = text[start:end]
-        if is_abstention(clause) or is_talk(clause):
-            continue
-        if NOT_A_CLAIM.search(clause):  # talk that goes on to assert: the assertion is the claim
-            start += TALK_THEN_CLAIM.search(clause).end()
-            clause = text[start:end]
-        found = content_words(clause)
-        concrete = re.search(r"\d", clause) or has_name(clause) or len(found) >= 3
-        answer_words = [word for word in found if word.lower() not in CHIT_CHAT]
-        short_answer = answer_words and len(words(clause)) <= BARE_ANSWER_WORDS
-        if concrete or short_answer:
-            claims.append((start, end))
+        at = claim_start(text[start:end])
+        if at is not None:
+            claims.append((start + at, end))
     return claims
+
+
+def claim_start(clause: str) -> int | None:
+    """Where the checkable claim of a clause starts (extract_claims), or None if it has none.
+
+    Example: "The question asks for the ratio, which is 2:1." -> 33 (at "which")
+    """
+    if is_abstention(clause):
+        return None
+    start = 0
+    if NOT_A_CLAIM.search(clause):
+        assertion = TALK_THEN_CLAIM.search(clause)
+        if not assertion or clause.rstrip().endswith("?"):
+            return None
+        start = assertion.end()  # talk that goes on to assert: the assertion is the claim
+    rest = clause[start:]
+    found = content_words(rest)
+    concrete = re.search(r"\d", rest) or has_name(rest) or len(found) >= 3
+    answer_words = [word for word in found if word.lower() not in CHIT_CHAT]
+    short_answer = answer_words and len(words(rest)) <= BARE_ANSWER_WORDS
+    if concrete or short_answer:
+        return start
+    return None
 
 
 def segment(text: str) -> list[tuple[int, int]]:
@@ -615,8 +629,9 @@ def content_words(text: str) -> list[str]:
 
 
 def has_name(text: str) -> bool:
-    """A capitalised word after the first one: a proper noun, not a sentence-initial capital."""
-    return any(word[0].isupper() for word in words(text)[1:])
+    """A capitalised word after the first one: a proper noun, not a sentence-initial capital, and
+    not "I" ("which I will answer" names no one)."""
+    return any(word[0].isupper() and word.split("'")[0] != "I" for word in words(text)[1:])
 
 
 def is_abstention(text: str) -> bool:
@@ -624,14 +639,16 @@ def is_abstention(text: str) -> bool:
 
 
 def is_talk(clause: str) -> bool:
-    """A question, or talk about the question or the context that asserts nothing: no claim, and
-    no answer either (judge_responses labels it where the response neither answers nor abstains).
+    """A question, or talk about the question or the context that asserts nothing checkable: no
+    claim, and no answer either (judge_responses labels it where the response neither answers
+    nor abstains).
     Example: "The question is asking who founded Loomly." -> True;
+             "The question asks for the ratio, which is:" -> True (the tail asserts nothing);
              "The question asks for the ratio, which is 2:1." -> False (a claim from "which")
     """
     if is_abstention(clause) or not NOT_A_CLAIM.search(clause):
         return False
-    return not TALK_THEN_CLAIM.search(clause) or clause.rstrip().endswith("?")
+    return claim_start(clause) is None
 
 
 # ==== 4. Verify =================================================================================
@@ -1303,7 +1320,7 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
              -> [1, 0, 0] (the second says Greyline again; the third is about another clause)
     """
     offered = new_terms(asked_clause, question)  # what the clause can answer with
-    wanted = offered & reference_terms(answer, question) if answer else offered
+    wanted = answer_terms(asked_clause, question, answer)
     numbers = {term for term in wanted if term[0].isdigit()}
     stated = set()
     labels = []
@@ -1321,6 +1338,31 @@ def answer_verdicts(claims: list[str], supported: list[bool], about: list[int], 
         else:
             labels.append(NEUTRAL)
     return labels
+
+
+def answer_terms(asked_clause: str, question: str, answer: str | None) -> set[str]:
+    """The terms that answer (answer_verdicts): those of the question's clause that the question
+    does not give, and of them the reference's where the data has one.
+    Example: ("It closed in 1961 after a flood.", "When did it close?", "1961") -> {"1961"}
+    """
+    offered = new_terms(asked_clause, question)
+    if answer:
+        return offered & reference_terms(answer, question)
+    return offered
+
+
+def talk_spans(text: str, question: str, wanted: set[str]) -> list[tuple[int, int]]:
+    """The clauses of a response that talk (is_talk) and state no term that answers (wanted):
+    "The question's answer is Ana Ruiz." is no claim, but it is no talk to push down either.
+    Example: ("The question asks who. The question's answer is Ana Ruiz.", "Who founded it?",
+              {"ana", "ruiz"}) -> [(0, 22)]
+    """
+    spans = []
+    for start, end in segment(text):
+        clause = text[start:end]
+        if is_talk(clause) and not new_terms(clause, question) & wanted:
+            spans.append((start, end))
+    return spans
 
 
 def claim_about(clauses: list[str], index: int, asked: int, bare_answer: bool) -> int:
@@ -1349,11 +1391,11 @@ def abstention_verdict(item: dict) -> int:
 
 
 def talk_verdict(item: dict) -> int:
-    """Talk (is_talk) in a response that neither answers nor abstains is a non-answer: -1, as a
-    wrong abstention is, or restating the question would be free (it costs nothing that a
-    response with no label at all does not). Unlike an abstention it needs no reference to judge:
-    talk is never the answer. Where the reference abstains (the context holds none), it misses
-    no answer: 0.
+    """Talk (talk_spans) in a response with no answer, no abstention and no -1 claim is a
+    non-answer: -1, as a wrong abstention is, or restating the question would be free (it costs
+    nothing that a response with no label at all does not). Unlike an abstention it needs no
+    reference to judge: talk that states no answering term is never the answer. Where the
+    reference abstains (the context holds none), it misses no answer: 0.
     """
     if reference_abstains(item):
         return NEUTRAL
@@ -1368,7 +1410,7 @@ def reference_abstains(item: dict) -> bool:
 # ==== 5. Project ================================================================================
 def project_labels(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
                    span_labels: list[int]) -> list[int]:
-    """Token labels from labelled character spans (claims and abstentions): +1, -1 or 0.
+    """Token labels from labelled character spans (claims, abstentions, talk): +1, -1 or 0.
 
     A token takes the label of the spans it overlaps; a token touching a -1 span is -1, one
     touching only +1 and 0 spans is +1. Empty spans (special tokens, EOS) stay neutral.
@@ -1395,7 +1437,7 @@ class Judgement:
     claims: list[list[tuple[int, int]]]  # per response: character spans of its claims
     scores: list[list[float]]  # per response: p(supported) of each claim
     supported: list[list[bool]]  # per response: each claim's verdict
-    spans: list[list[tuple[int, int]]]  # per response: its claims, then its abstentions
+    spans: list[list[tuple[int, int]]]  # per response: its claims, abstentions, then talk
     verdicts: list[list[int]]  # per response: each span's label +1 / 0 / -1 (REWARDS)
     labels: torch.Tensor  # (B, R) token labels +1 / 0 / -1
 
@@ -1418,8 +1460,8 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
     items[i] is the item (context and question) that response texts[i] answers. reward
     "answering": +1 for a claim that answers (answer_verdicts) and a right abstention, 0 for a
     supported claim beside the question, -1 for an unsupported claim and a wrong abstention; in a
-    response that neither answers nor abstains, its talk (a question, the question restated) is
-    -1 too (talk_verdict), so talking costs what a wrong answer costs.
+    response with none of these but 0, its talk (a question, the question restated: talk_spans)
+    is -1 too (talk_verdict), so talking in place of an answer costs what a wrong answer costs.
     Where the item has a reference answer, it says which claim answers (reference_clause,
     answer_verdicts), whether one can (where it abstains, none does) and whether an abstention is
     right (abstention_verdict).
@@ -1466,8 +1508,9 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts = answer_verdicts(said, supported[i], about, asked,
                                            asked_clause, question, answer)
             row_verdicts += [abstention_verdict(item)] * len(abstentions)
-            if PLUS not in row_verdicts and not abstentions:  # talk in place of an answer
-                talk = [span for span in segment(text) if is_talk(text[slice(*span)])]
+            if not abstentions and PLUS not in row_verdicts and MINUS not in row_verdicts:
+                # talk in place of an answer (beside a -1 claim, it would share that claim's -1)
+                talk = talk_spans(text, question, answer_terms(asked_clause, question, answer))
                 row_spans = row_spans + talk
                 row_verdicts += [talk_verdict(item)] * len(talk)
         spans.append(row_spans)
@@ -2121,7 +2164,7 @@ def example_record(batch: Rollout, verdict: Judgement, credit: torch.Tensor, row
     for (start, end), p, supported in zip(verdict.claims[row], verdict.scores[row],
                                           verdict.supported[row]):
         claims.append([start, end, round(p, 3), supported])
-    spans = []  # claims and abstentions with their labels (under --reward answering, 0 is beside)
+    spans = []  # claims, abstentions, talk, with their labels (under "answering", 0 is beside)
     for (start, end), label in zip(verdict.spans[row], verdict.verdicts[row]):
         spans.append([start, end, label])
     record = {"id": batch.items[row]["id"],

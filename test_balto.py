@@ -860,6 +860,31 @@ def test_talk_in_place_of_an_answer_is_minus_one_and_a_preamble_to_an_answer_is_
     assert supported.verdicts == [[]] and supported.labels.abs().sum() == 0
     assert not balto.is_talk("The question asks for the ratio, which is 2:1.")
     assert not balto.is_talk("The question cannot be answered from the context.")  # an abstention
+    for reward in ("answering", "answering-question"):  # r_i with the talk spans is r_i without them
+        judged = balto.judge_responses(balto.RuleVerifier(), [item] * 4, texts, offsets, 0.35, reward)
+        without = []  # each response's labels less its talk's
+        for row, spans, text in zip(judged.verdicts, judged.spans, texts):
+            talk = balto.talk_spans(text, item["question"], set())
+            without.append([label for label, span in zip(row, spans) if span not in talk])
+        assert balto.response_rewards(judged.verdicts, reward).tolist() == [0.0, 1.0, 0.0, 0.0]
+        assert balto.response_rewards(without, reward).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_talk_is_not_labelled_where_it_states_the_answer_or_stands_beside_a_wrong_claim():
+    """The talk verdict's edges: an answer worded as talk, talk whose tail asserts nothing checkable, talk beside
+    a -1 claim (it would share the claim's -1) and beside a 0 claim."""
+    context = "The startup Loomly was founded by Ana Ruiz in 2019. It has 40 staff."
+    item = {"context": context, "question": "Who founded Loomly?", "answer": "Ana Ruiz."}
+    texts = ["The question's answer is Ana Ruiz.",
+             "The question asks who founded Loomly, which I will answer.",
+             "The question asks who founded Loomly. Bob Stone founded Loomly in 2019.",
+             "The question asks who founded Loomly. Loomly has 40 staff."]
+    verdict = balto.judge_responses(balto.RuleVerifier(), [item] * 4, texts, [[]] * 4, 0.35, "answering")
+    assert verdict.claims[0] == [] and verdict.verdicts[0] == []  # no claim, and no talk to push down
+    assert verdict.claims[1] == [] and verdict.verdicts[1] == [-1]  # "which I will answer": no claim
+    assert verdict.verdicts[2] == [-1]  # the wrong claim alone carries the -1
+    assert verdict.verdicts[3] == [0, -1]  # beside, then the talk
+    assert not balto.has_name("which I will answer") and balto.has_name("which Ana Ruiz answered")
 
 
 def test_under_answering_question_the_question_says_which_claim_answers_and_the_reference_judges_abstentions():

@@ -95,11 +95,12 @@ SPAN_CLASS = {1: "answers", 0: "beside", -1: "unsupported"}  # a span's label, u
 CLAIM_WORDS = {1: "answers", 0: "beside the question", -1: "unsupported"}
 ABSTENTION_WORDS = {1: "right: the reference abstains too", 0: "no reference",
                     -1: "wrong: the reference answers"}
+TALK_WORDS = {0: "the reference abstains", -1: "in place of an answer"}
 
 
 def outlined_spans(example: dict, reward: str) -> list[tuple[int, int, str, str]]:
-    """(start, end, class, hover text) of each labelled span: claims and abstentions. A log from
-    before spans were logged has its claims alone, +1 supported and -1 unsupported."""
+    """(start, end, class, hover text) of each labelled span: claims, abstentions and talk. A log
+    from before spans were logged has its claims alone, +1 supported and -1 unsupported."""
     claims = {(cs, ce): p for cs, ce, p, _ in example["claims"]}
     spans = example.get("spans") or [[cs, ce, 1 if ok else -1] for cs, ce, _, ok in example["claims"]]
     out = []
@@ -108,8 +109,10 @@ def outlined_spans(example: dict, reward: str) -> list[tuple[int, int, str, str]
         if (start, end) in claims:
             word = "supported" if name == "supported" else CLAIM_WORDS[label]
             out.append((start, end, name, f"claim: p(supported) = {claims[start, end]:.3f} ({word})"))
-        else:
+        elif balto.is_abstention(example["text"][start:end]):
             out.append((start, end, name, f"abstention ({ABSTENTION_WORDS[label]})"))
+        else:
+            out.append((start, end, name, f"talk ({TALK_WORDS.get(label, label)})"))
     return out
 
 

@@ -150,10 +150,13 @@ def test_mixed_responses_are_shown_where_the_log_has_them(tmp_path):
 
 
 def test_spans_are_outlined_by_label():
-    abstains = {**MIXED, "claims": [[0, 11, 0.9, True]], "spans": [[0, 11, 1], [12, 34, -1]]}
+    abstains = {**MIXED, "text": "Lyon, 1968. The context does not say.", "claims": [[0, 11, 0.9, True]],
+                "spans": [[0, 11, 1], [12, 37, -1]]}
     assert report.outlined_spans(abstains, "answering") == [
         (0, 11, "answers", "claim: p(supported) = 0.900 (answers)"),
-        (12, 34, "unsupported", "abstention (wrong: the reference answers)")]
+        (12, 37, "unsupported", "abstention (wrong: the reference answers)")]
+    talks = {**MIXED, "text": "The question asks where.", "claims": [], "spans": [[0, 24, -1]]}
+    assert report.outlined_spans(talks, "answering") == [(0, 24, "unsupported", "talk (in place of an answer)")]
     assert report.outlined_spans(MIXED, "supported")[0] == \
         (0, 11, "supported", "claim: p(supported) = 0.910 (supported)")
     older = {k: v for k, v in MIXED.items() if k != "spans"}  # a log before spans: claims by verdict
