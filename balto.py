@@ -640,8 +640,8 @@ def is_abstention(text: str) -> bool:
 
 def is_talk(clause: str) -> bool:
     """A question, or talk about the question or the context that asserts nothing checkable: no
-    claim, and no answer either (judge_responses labels it where the response neither answers
-    nor abstains).
+    claim, and no answer either (judge_responses labels it, through talk_spans, where the
+    response has no +1 span, no -1 span and no abstention).
     Example: "The question is asking who founded Loomly." -> True;
              "The question asks for the ratio, which is:" -> True (the tail asserts nothing);
              "The question asks for the ratio, which is 2:1." -> False (a claim from "which")
@@ -1352,8 +1352,9 @@ def answer_terms(asked_clause: str, question: str, answer: str | None) -> set[st
 
 
 def talk_spans(text: str, question: str, wanted: set[str]) -> list[tuple[int, int]]:
-    """The clauses of a response that talk (is_talk) and state no term that answers (wanted):
-    "The question's answer is Ana Ruiz." is no claim, but it is no talk to push down either.
+    """The clauses of a response that talk (is_talk) and state no term that answers (wanted: the
+    reference's terms in the question's clause; empty without a reference): "The question's
+    answer is Ana Ruiz." is no claim, but it is no talk to push down either.
     Example: ("The question asks who. The question's answer is Ana Ruiz.", "Who founded it?",
               {"ana", "ruiz"}) -> [(0, 22)]
     """
@@ -1394,8 +1395,9 @@ def talk_verdict(item: dict) -> int:
     """Talk (talk_spans) in a response with no answer, no abstention and no -1 claim is a
     non-answer: -1, as a wrong abstention is, or restating the question would be free (it costs
     nothing that a response with no label at all does not). Unlike an abstention it needs no
-    reference to judge: talk that states no answering term is never the answer. Where the
-    reference abstains (the context holds none), it misses no answer: 0.
+    reference to judge: talk is never the answer (where a reference shows talk stating its
+    answer, talk_spans leaves that clause out). Where the reference abstains (the context holds
+    none), it misses no answer: 0.
     """
     if reference_abstains(item):
         return NEUTRAL
@@ -1510,7 +1512,9 @@ def judge_responses(verifier, items: list[dict], texts: list[str],
             row_verdicts += [abstention_verdict(item)] * len(abstentions)
             if not abstentions and PLUS not in row_verdicts and MINUS not in row_verdicts:
                 # talk in place of an answer (beside a -1 claim, it would share that claim's -1)
-                talk = talk_spans(text, question, answer_terms(asked_clause, question, answer))
+                # without a reference, any word of the clause would excuse a restatement
+                wanted = answer_terms(asked_clause, question, answer) if answer else set()
+                talk = talk_spans(text, question, wanted)
                 row_spans = row_spans + talk
                 row_verdicts += [talk_verdict(item)] * len(talk)
         spans.append(row_spans)

@@ -885,6 +885,11 @@ def test_talk_is_not_labelled_where_it_states_the_answer_or_stands_beside_a_wron
     assert verdict.verdicts[2] == [-1]  # the wrong claim alone carries the -1
     assert verdict.verdicts[3] == [0, -1]  # beside, then the talk
     assert not balto.has_name("which I will answer") and balto.has_name("which Ana Ruiz answered")
+    unreferenced = {"context": context, "question": item["question"]}
+    restated = ["The question asks who founded the startup Loomly."]  # "startup" is a word of the clause
+    for judged_item in (item, unreferenced):
+        assert balto.judge_responses(balto.RuleVerifier(), [judged_item], restated, [[]], 0.35,
+                                     "answering").verdicts == [[-1]]
 
 
 def test_under_answering_question_the_question_says_which_claim_answers_and_the_reference_judges_abstentions():
