@@ -517,7 +517,8 @@ NOT_A_CLAIM = re.compile(  # a question, or talk about the question or the conte
 # the answer is a partial one." The assertion, from "which" on or after "that" or "but", is a claim.
 TALK_THEN_CLAIM = re.compile(
     r",\s+(?=(?:which|who)\s+\w)"
-    r"|\b(?:mentions|states|says|suggests|implies|notes|shows|indicates|assumes|claims)"
+    r"|\b(?:mentions|states|says|suggests|implies|notes|shows|indicates|assumes|claims|specifies"
+    r"|explains|confirms|reports)"
     r"\s+that\s+(?=\w)"
     r"|\bbut\s+(?!(?:I|we)\b)(?=\w)", re.I)  # not "but I will rewrite it": talk about the reply
 CHIT_CHAT = {"thanks", "thank", "hello", "hi", "welcome", "please", "sure", "okay", "ok", "great",

@@ -937,6 +937,8 @@ def test_talk_about_the_question_that_goes_on_to_assert_is_a_claim_from_which_on
             "The question is asking who founded Loomly. The question is clear, but I will give the 3 dates.")
     assert [text[a:b] for a, b in balto.extract_claims(text)] == [
         "the Apollo-Soyuz test ran in 1973-74.", "it ended in 1974."]
+    text = "The question specifies that the effect is excluded if it is anti-dilutive."  # v10's balanced-s1
+    assert [text[a:b] for a, b in balto.extract_claims(text)] == ["the effect is excluded if it is anti-dilutive."]
 
 
 def test_a_claim_may_state_the_number_of_the_sentence_a_pronoun_ties_to_its_clause():
